@@ -1,0 +1,193 @@
+"""The gate: every input-dependent decision of a victim, and the trace that records them.
+
+A gate turns a logit tensor ``q`` of shape ``(B, *unit_shape)`` into the mask the victim
+multiplies its computation by. The decision is ``q >= 0``; the bounded value ``G = value_fn(q)``
+crosses the threshold ``tau`` exactly there (SkipNet: ``G = sigmoid(q)``, ``tau = 0.5``).
+
+How decisions behave is a model-wide mode, set with :func:`gate_mode`:
+
+=========  ===========================  ====================================
+mode       forward mask                 backward
+=========  ===========================  ====================================
+hard       ``1[q >= 0]``                none through the decision (FGM)
+lgm        ``sigmoid(lam * q)``         through the sigmoid (LGM)
+lgm_st     ``1[q >= 0]``                as ``sigmoid(lam * q)``
+train      the family's estimator       its own (default straight-through)
+=========  ===========================  ====================================
+
+While a :class:`Trace` is recording, every gate call appends a :class:`GateEvent`. Attacks,
+metrics and reports read traces and model outputs, nothing else.
+
+This module imports nothing else of the package.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+MODES = ("hard", "lgm", "lgm_st", "train")
+FORCES = (None, "on", "off")
+
+_active_traces: contextvars.ContextVar[tuple] = contextvars.ContextVar("dynattack_traces", default=())
+
+
+@dataclass
+class GateEvent:
+    """One gate call. Tensors have shape ``(B, *unit_shape)`` unless said otherwise."""
+
+    name: str
+    logit: torch.Tensor  # q, still attached to the graph
+    value: torch.Tensor  # G = value_fn(q), attached to the graph
+    tau: float
+    decision: torch.Tensor  # bool: does the unit run in the hard network (forced gates included)
+    mask: torch.Tensor  # what the forward multiplied by in the current mode
+    unit_cost: torch.Tensor | None  # FLOPs one unit runs when on, broadcastable to unit_shape
+
+    @property
+    def units(self) -> int:
+        """Units per sample."""
+        return int(self.logit[0].numel())
+
+
+class Trace:
+    """Records every gate event of the forward passes run inside ``with Trace() as t:``.
+
+    Traces nest: an inner trace does not hide events from an outer one.
+    """
+
+    def __init__(self) -> None:
+        self.events: list[GateEvent] = []
+        self._token = None
+
+    def __enter__(self) -> "Trace":
+        self._token = _active_traces.set(_active_traces.get() + (self,))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _active_traces.reset(self._token)
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def __iter__(self) -> Iterator[GateEvent]:
+        return iter(self.events)
+
+    def clear(self) -> None:
+        self.events.clear()
+
+    def flat(self, attr: str) -> torch.Tensor:
+        """``(B, total_units)``: one field (logit, value, decision, mask) of every event,
+        flattened per sample and concatenated in call order."""
+        return torch.cat([getattr(e, attr).reshape(e.logit.shape[0], -1) for e in self.events], dim=1)
+
+
+def _straight_through(gate: "Gate", logit: torch.Tensor) -> torch.Tensor:
+    """Hard forward, gradient of the gate value (SkipNet's SP estimator)."""
+    soft = gate.value_fn(logit)
+    hard = (logit >= 0).to(logit.dtype)
+    return hard + soft - soft.detach()
+
+
+class Gate(nn.Module):
+    """A parameter-free module that turns a logit into the mask of its units.
+
+    Args:
+        value_fn: maps a logit to the bounded gate value G (default sigmoid, with ``tau`` 0.5).
+        tau: the threshold on G; ``value_fn(0)`` must equal ``tau``.
+        train_estimator: ``f(gate, logit) -> mask`` used in ``train`` mode (default: straight-through).
+        controls: the modules whose FLOPs one unit of this gate runs (split evenly over units);
+            :func:`dynattack.cost.calibrate` measures them. Not registered as submodules.
+    """
+
+    def __init__(
+        self,
+        value_fn: Callable[[torch.Tensor], torch.Tensor] = torch.sigmoid,
+        tau: float = 0.5,
+        train_estimator: Callable[["Gate", torch.Tensor], torch.Tensor] | None = None,
+        controls: list[nn.Module] | None = None,
+    ) -> None:
+        super().__init__()
+        self.value_fn = value_fn
+        self.tau = float(tau)
+        self.train_estimator = train_estimator or _straight_through
+        self.controls: list[nn.Module] = list(controls or [])  # plain list: not submodules
+        self.mode = "hard"
+        self.lam = 1.0
+        self.force: str | None = None
+        self.name = ""
+        self.unit_cost: torch.Tensor | None = None
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, tau={self.tau}, mode={self.mode}"
+
+    def forward(self, logit: torch.Tensor) -> torch.Tensor:
+        hard = logit >= 0
+        if self.force is not None:
+            decision = torch.full_like(hard, self.force == "on")
+            mask = decision.to(logit.dtype)
+        elif self.mode == "hard":
+            decision, mask = hard, hard.to(logit.dtype)
+        elif self.mode == "lgm":
+            decision, mask = hard, torch.sigmoid(self.lam * logit)
+        elif self.mode == "lgm_st":
+            soft = torch.sigmoid(self.lam * logit)
+            decision, mask = hard, hard.to(logit.dtype) + soft - soft.detach()
+        else:  # train: the estimator may sample (REINFORCE, Gumbel); what it ran is the decision
+            mask = self.train_estimator(self, logit)
+            decision = mask.detach() >= 0.5
+        traces = _active_traces.get()
+        if traces:
+            event = GateEvent(
+                name=self.name or f"gate@{id(self):x}",
+                logit=logit,
+                value=self.value_fn(logit),
+                tau=self.tau,
+                decision=decision.detach(),
+                mask=mask,
+                unit_cost=self.unit_cost,
+            )
+            for trace in traces:
+                trace.events.append(event)
+        return mask
+
+
+def iter_gates(model: nn.Module) -> Iterator[tuple[str, Gate]]:
+    """Yield ``(qualified name, gate)`` for every gate of ``model``, naming unnamed gates."""
+    for name, module in model.named_modules():
+        if isinstance(module, Gate):
+            if not module.name:
+                module.name = name
+            yield name, module
+
+
+@contextlib.contextmanager
+def gate_mode(model: nn.Module, mode: str = "hard", lam: float | None = None, force: str | None = None):
+    """Set the mode (and LGM slope ``lam``, and ``force`` = None/'on'/'off') of every gate of
+    ``model`` for the duration of the block, then restore what was there."""
+    if mode not in MODES:
+        raise ValueError(f"unknown gate mode {mode!r}; expected one of {', '.join(MODES)}")
+    if force not in FORCES:
+        raise ValueError(f"unknown force {force!r}; expected None, 'on' or 'off'")
+    if lam is not None and not lam > 0:
+        raise ValueError(f"the LGM slope lam must be > 0, got {lam}")
+    gates = [g for _, g in iter_gates(model)]
+    saved = [(g.mode, g.lam, g.force) for g in gates]
+    for g in gates:
+        g.mode, g.force = mode, force
+        if lam is not None:
+            g.lam = float(lam)
+    try:
+        yield model
+    finally:
+        for g, (m, l, f) in zip(gates, saved):
+            g.mode, g.lam, g.force = m, l, f
+
+
+def force_gates(model: nn.Module, force: str = "on"):
+    """Every gate of ``model`` on (or off) in hard mode: the static network, for full FLOPs and latency."""
+    return gate_mode(model, "hard", force=force)

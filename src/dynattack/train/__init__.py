@@ -1,0 +1,24 @@
+"""Training recipes per family; `dynattack train NAME` runs the one its registry entry names."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import DynattackError
+from ..models import WEIGHTS_DIR, get_spec
+from .common import save_victim
+
+
+def _recipe(family: str):
+    if family == "resnet":
+        from .classifier import train_classifier
+        return train_classifier
+    raise DynattackError(f"no training recipe for family {family!r}")
+
+
+def train_model(name: str, seed: int = 0, out_dir: str | Path = WEIGHTS_DIR, data_root=None, device: str = "cpu",
+                epochs: int | None = None, limit: int | None = None, log=print) -> Path:
+    """Train victim NAME from scratch and write NAME.safetensors + NAME.json into ``out_dir``."""
+    spec = get_spec(name)
+    model, card = _recipe(spec.family)(spec, seed=seed, data_root=data_root, device=device, epochs=epochs,
+                                       limit=limit, log=log)
+    return save_victim(model, name, card, out_dir)

@@ -1,0 +1,95 @@
+"""Pieces every training recipe shares: seeding, data split, augmented batches, evaluation,
+and writing a victim (safetensors + model card) atomically."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .. import cost
+from ..data import load_fashion_mnist
+from ..gates import Trace
+
+VAL_SIZE = 5000  # the last 5000 training images: held out for model and attack selection
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def fashion_mnist_splits(root=None):
+    """(train, val, test) pairs; val is held out of training for attack hyper-parameter sweeps."""
+    x, y = load_fashion_mnist("train", root)
+    xt, yt = load_fashion_mnist("test", root)
+    return (x[:-VAL_SIZE], y[:-VAL_SIZE]), (x[-VAL_SIZE:], y[-VAL_SIZE:]), (xt, yt)
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """Random translation by up to ``pad`` pixels and horizontal flip, per sample, seeded."""
+    b, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    out = _crop(padded, dy, dx, h, w)
+    flip = torch.rand(b, generator=gen) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+def _crop(padded: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    b = padded.shape[0]
+    iy = (dy.view(b, 1, 1) + torch.arange(h).view(1, h, 1)).expand(b, h, w)
+    ix = (dx.view(b, 1, 1) + torch.arange(w).view(1, 1, w)).expand(b, h, w)
+    bi = torch.arange(b).view(b, 1, 1).expand(b, h, w)
+    return padded.permute(0, 2, 3, 1)[bi, iy, ix].permute(0, 3, 1, 2).contiguous()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> dict:
+    """Accuracy and, for gated victims, mean executed FLOPs and compute kept vs all-gates-on."""
+    model.eval()
+    correct, flops = 0, []
+    prof = cost.profile(model, tuple(x.shape[1:]))
+    device = next(model.parameters()).device
+    for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+        with Trace() as trace:
+            logits = model(xb.to(device))
+        correct += int((logits.argmax(1).cpu() == yb).sum())
+        flops.append(cost.executed_flops(model, trace).cpu() if len(trace) else torch.full((len(xb),), prof.full, dtype=torch.float64))
+    mean_flops = float(torch.cat(flops).mean())
+    return {
+        "accuracy": correct / len(y),
+        "flops_mean": mean_flops,
+        "flops_full": prof.full,
+        "compute_kept_pct": 100.0 * mean_flops / prof.full,
+    }
+
+
+def machine() -> str:
+    return f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def save_victim(model: nn.Module, name: str, card: dict, out_dir: str | Path) -> Path:
+    """Write NAME.safetensors and NAME.json; each written to a temp file then renamed."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = out / f".{name}.safetensors.tmp"
+    save_file(state, str(tmp))
+    os.replace(tmp, out / f"{name}.safetensors")
+    card = dict(card, params=sum(p.numel() for p in model.parameters()), written=time.strftime("%Y-%m-%d"))
+    tmp = out / f".{name}.json.tmp"
+    tmp.write_text(json.dumps(card, indent=2) + "\n")
+    os.replace(tmp, out / f"{name}.json")
+    return out / f"{name}.safetensors"
