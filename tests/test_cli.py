@@ -1,0 +1,89 @@
+"""The command line: bad input ends in one clear line on stderr, exit code 2, no traceback."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from dynattack.models import get_spec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "dynattack", *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, **(env or {})}, timeout=300)
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def random_weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("w") / "resnet20.safetensors"
+    model = get_spec("resnet20-fmnist").build()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch " + os.environ.get("EVIL_MARK", "/tmp/dynattack-evil-mark"),))
+
+
+def test_unknown_model():
+    assert_one_line_error(run_cli("eval", "no-such-net"), "unknown model", "resnet20-fmnist")
+
+
+def test_missing_dataset_directory(tmp_path, random_weights):
+    missing = tmp_path / "nowhere"
+    proc = run_cli("eval", "resnet20-fmnist", "--weights", str(random_weights), "--data", str(missing), "--n", "8")
+    assert_one_line_error(proc, str(missing), "dataset-fashion-mnist")
+
+
+def test_corrupt_and_truncated_weights(tmp_path, random_weights):
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00\x01not a safetensors file at all")
+    assert_one_line_error(run_cli("eval", "resnet20-fmnist", "--weights", str(garbage)), "corrupt")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(random_weights.read_bytes()[:-1000])
+    assert_one_line_error(run_cli("eval", "resnet20-fmnist", "--weights", str(truncated)), "corrupt")
+
+
+def test_pth_that_needs_unpickling_code_is_refused(tmp_path):
+    mark = tmp_path / "executed"
+    path = tmp_path / "evil.pth"
+    os.environ["EVIL_MARK"] = str(mark)
+    try:
+        torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}, "payload": Evil()}, str(path))
+    finally:
+        del os.environ["EVIL_MARK"]
+    proc = run_cli("eval", "resnet20-fmnist", "--weights", str(path))
+    assert_one_line_error(proc, "unpickling")
+    assert not mark.exists(), "the checkpoint's code must never run"
+
+
+def test_mismatched_weights_list_keys(tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_file({"not.a.key": torch.zeros(2)}, str(path))
+    assert_one_line_error(run_cli("eval", "resnet20-fmnist", "--weights", str(path)), "missing keys", "not.a.key")
+
+
+def test_help_on_every_command():
+    for cmd in ([], ["models"], ["train"], ["eval"]):
+        proc = run_cli(*cmd, "--help")
+        assert proc.returncode == 0 and "Usage" in proc.stdout
+
+
+def test_models_lists_the_zoo():
+    proc = run_cli("models")
+    assert proc.returncode == 0
+    assert "resnet20-fmnist" in proc.stdout
