@@ -1,0 +1,562 @@
+"""The attack base shared by every attack: one batched loop with per-sample state.
+
+An attack subclasses :class:`Attack` (energy attacks: :class:`EnergyAttack`; accuracy attacks:
+:class:`AccuracyAttack`) and fills in four hooks; the loop, the bookkeeping and the result live
+here, once:
+
+``init_state(images, labels, clean) -> dict``
+    per-sample tensors with a leading batch dimension (perturbation, optimiser moments...).
+``forward_input(state, idx) -> (x_in, leaf)``
+    the input the gradient forward runs on, for the rows ``idx`` still active, built
+    differentiably from ``leaf`` (a fresh tensor with ``requires_grad``).
+``step(state, idx, leaf, fwd, keep, it) -> dict``
+    take the gradient(s) from ``fwd`` (logits, trace, gate units, evaluation) and update the
+    rows ``idx[keep]``; return per-row statistics for the history.
+``candidate(state, idx) -> x``
+    the adversarial input the attack would return now (no gradient).
+
+Per iteration the loop runs one forward on the active rows only, evaluates it on the hard network
+(the gradient forward itself when the gates are hard and the forward input is the candidate, so
+no extra forward), keeps each sample's best input (:meth:`Attack.score`, ties broken by the lower
+L2 distortion), stops the samples :meth:`Attack.should_stop` says are done, and lets the attack
+update the rest. Nothing loops over samples in Python.
+
+The victim is any ``nn.Module`` mapping ``(B, ...)`` inputs to logits whose gates record into a
+:class:`~dynattack.gates.Trace`. Attacks read the trace and the logits only: this module (and every
+attack) imports no model family.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import cost, metrics
+from ..errors import DynattackError
+from ..gates import Trace, gate_mode
+
+# --------------------------------------------------------------------------- parameter checks
+
+
+def check_int(owner: str, name: str, value, minimum: int | None = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise DynattackError(f"{owner}: {name} must be an integer{bound}, got {value!r}")
+    return value
+
+
+def check_positive(owner: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise DynattackError(f"{owner}: {name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_bool(owner: str, name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise DynattackError(f"{owner}: {name} must be True or False, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- gates as flat units
+
+
+@dataclass
+class GateUnits:
+    """Every unit of every gate event of one forward, flattened per sample (call order)."""
+
+    value: torch.Tensor  # (n, U) gate values G, attached to the graph when the forward was
+    tau: torch.Tensor  # (U,) thresholds
+    weight: torch.Tensor  # (U,) lambda_u = unit cost / total gated cost (sums to 1)
+    on: torch.Tensor  # (n, U) bool: the unit runs in the hard network
+    names: list[str]  # one per event
+    sizes: list[int]  # units per sample of each event
+
+    @property
+    def all_on(self) -> torch.Tensor:
+        """``(n,)`` bool: every unit that costs FLOPs runs (units without cost cannot add any)."""
+        return (self.on | (self.weight == 0)).all(dim=1)
+
+
+def gate_units(trace: Trace, n: int, device: torch.device | None = None) -> GateUnits:
+    """Flatten a trace. Units of one event share its ``unit_cost`` unless that has a unit shape."""
+    values, taus, costs, ons, names, sizes = [], [], [], [], [], []
+    for e in trace:
+        if e.unit_cost is None:
+            raise DynattackError(f"gate {e.name} has no unit cost: calibrate the model (dynattack.cost.calibrate)")
+        unit_shape = e.logit.shape[1:]
+        k = int(e.logit[0].numel())
+        values.append(e.value.reshape(n, k))
+        ons.append(e.decision.reshape(n, k))
+        taus.append(torch.full((k,), float(e.tau), device=e.logit.device))
+        uc = torch.as_tensor(e.unit_cost, dtype=torch.float64, device=e.logit.device)
+        costs.append(uc.expand(unit_shape).reshape(k))
+        names.append(e.name)
+        sizes.append(k)
+    if not values:
+        empty = torch.zeros(n, 0, device=device)
+        return GateUnits(empty, empty[0], empty[0].double(), empty.bool(), [], [])
+    cost_all = torch.cat(costs)
+    total = cost_all.sum()
+    weight = (cost_all / total if total > 0 else torch.zeros_like(cost_all)).to(values[0].dtype)
+    return GateUnits(torch.cat(values, 1), torch.cat(taus).to(values[0].dtype), weight, torch.cat(ons, 1), names, sizes)
+
+
+def vjp(loss: torch.Tensor, leaf: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
+    """Gradient of ``loss.sum()`` w.r.t. ``leaf``; zeros where the loss does not depend on it.
+
+    Samples of a batch are independent in an eval-mode victim, so one vector-Jacobian product
+    of the summed per-sample losses yields every sample's own gradient.
+    """
+    if not loss.requires_grad:
+        return torch.zeros_like(leaf)
+    (g,) = torch.autograd.grad(loss.sum(), leaf, retain_graph=retain_graph, allow_unused=True)
+    return torch.zeros_like(leaf) if g is None else g
+
+
+def per_sample_view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape a ``(n,)`` tensor to broadcast over ``like``'s ``(n, ...)``."""
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+class PerSampleAdam:
+    """Adam (``torch.optim.Adam``'s update) on a ``(B, ...)`` tensor in place, with moments, step
+    count and learning rate per sample: a sample that pauses or stops does not age the others'
+    state, and its step size can be changed alone (backtracking)."""
+
+    def __init__(self, param: torch.Tensor, lr: float, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
+        self.param = param
+        self.b1, self.b2 = betas
+        self.eps = eps
+        self.m = torch.zeros_like(param)
+        self.v = torch.zeros_like(param)
+        self.t = torch.zeros(param.shape[0], dtype=torch.long, device=param.device)
+        self.lr = torch.full((param.shape[0],), float(lr), dtype=param.dtype, device=param.device)
+
+    def reset(self, rows: torch.Tensor) -> None:
+        """Forget the moments of ``rows`` (e.g. when their objective changes)."""
+        self.m[rows] = 0
+        self.v[rows] = 0
+        self.t[rows] = 0
+
+    def step(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
+        """Descend along ``grad`` (one row per entry of ``rows``)."""
+        if rows.numel() == 0:
+            return
+        t = self.t[rows] + 1
+        m = self.m[rows].mul_(self.b1).add_(grad, alpha=1 - self.b1)
+        v = self.v[rows].mul_(self.b2).addcmul_(grad, grad, value=1 - self.b2)
+        bc1 = per_sample_view(1 - self.b1 ** t.to(grad.dtype), grad)
+        bc2 = per_sample_view(1 - self.b2 ** t.to(grad.dtype), grad)
+        lr = per_sample_view(self.lr[rows], grad)
+        self.param[rows] = self.param[rows] - lr / bc1 * m / ((v / bc2).sqrt() + self.eps)
+        self.m[rows], self.v[rows], self.t[rows] = m, v, t
+
+
+# --------------------------------------------------------------------------- evaluation & result
+
+
+@dataclass
+class Evaluation:
+    """What the hard network did on some rows."""
+
+    logits: torch.Tensor  # (n, classes), detached
+    pred: torch.Tensor  # (n,)
+    flops: torch.Tensor  # (n,) float64 executed FLOPs
+    all_on: torch.Tensor  # (n,) bool: every costed gated unit runs
+    gate_value: torch.Tensor  # (n, gates) mean gate value G per gate event
+    gate_on: torch.Tensor  # (n, gates) fraction of each gate's units that run
+    gate_names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Forward:
+    """One gradient forward handed to :meth:`Attack.step`."""
+
+    x: torch.Tensor  # the input it ran on (attached to ``leaf``)
+    logits: torch.Tensor  # attached to the graph
+    trace: Trace
+    units: GateUnits  # values attached to the graph
+    ev: Evaluation  # the hard network's verdict on ``x`` (on the candidate, for ILFO on x as run)
+
+
+@dataclass
+class AttackResult:
+    """Per-sample outcome of one attack call. All per-sample tensors have shape ``(B,)``."""
+
+    adv: torch.Tensor  # (B, ...) best adversarial inputs found
+    flops_clean: torch.Tensor  # float64
+    flops_adv: torch.Tensor  # float64
+    flops_full: torch.Tensor  # float64, every gate on
+    recovery: torch.Tensor  # % of the saved FLOPs won back; NaN where the clean input ran everything
+    psnr: torch.Tensor  # dB, inputs in [0, 1]
+    l2: torch.Tensor
+    linf: torch.Tensor
+    iterations: torch.Tensor  # long: updates applied to the sample (early stop counts here)
+    success_iteration: torch.Tensor  # long: first iteration whose input met the goal, -1 never
+    success: torch.Tensor  # bool: the returned input meets the attack's goal
+    clean_pred: torch.Tensor
+    adv_pred: torch.Tensor
+    labels: torch.Tensor | None = None
+    attack: str = ""
+    params: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    gate_names: list[str] = field(default_factory=list)
+    # per-iteration history (history=True): name -> (T, B, ...) tensor, NaN where a sample was
+    # not run. Always: flops, l2, gate_value (T, B, gates), gate_on (T, B, gates), active (bool);
+    # plus what the attack's step reports (losses, gradient norms, angles).
+    history: dict[str, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self.adv.shape[0]
+
+    @property
+    def recovery_pct(self) -> float:
+        """Aggregate recovery: (sum F_adv - sum F_clean) / (sum F_full - sum F_clean) * 100."""
+        return cost.recovery_aggregate(self.flops_clean, self.flops_adv, self.flops_full)
+
+
+class _Best:
+    """Best-so-far input per sample: higher score first, then lower L2 distortion."""
+
+    def __init__(self, images: torch.Tensor, clean: Evaluation, score: torch.Tensor, success: torch.Tensor) -> None:
+        self.images = images
+        self.adv = images.clone()
+        self.score = score.double().clone()
+        self.l2 = torch.zeros(images.shape[0], dtype=torch.float64, device=images.device)
+        self.flops = clean.flops.clone()
+        self.pred = clean.pred.clone()
+        self.success = success.clone()
+        self.first = torch.where(success, 0, -1)
+
+    def offer(self, idx, x, ev: Evaluation, score, success, it: int, force: bool = False) -> None:
+        l2 = metrics.l2(self.images[idx], x)
+        score = score.double()
+        old_s, old_l2 = self.score[idx], self.l2[idx]
+        tol = 1e-12 * old_s.abs().clamp_min(1.0)  # equal FLOPs sums may differ in the last bits
+        better = (score > old_s + tol) | ((score >= old_s - tol) & (l2 < old_l2))
+        if force:
+            better = torch.ones_like(better)
+        rows = idx[better]
+        self.adv[rows] = x[better]
+        self.score[rows], self.l2[rows] = score[better], l2[better]
+        self.flops[rows], self.pred[rows], self.success[rows] = ev.flops[better], ev.pred[better], success[better]
+        hit = success & (self.first[idx] < 0)
+        self.first[idx[hit]] = it
+
+
+@contextlib.contextmanager
+def victim_context(model: nn.Module):
+    """Eval mode and hard gates for the duration; every module's training flag and every gate's
+    mode, slope and force are restored afterwards, even on error."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with gate_mode(model, "hard"):
+            yield model
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+# --------------------------------------------------------------------------- the base
+
+
+class Attack:
+    """Base of every attack. ``res = atk(images)`` (energy) or ``atk(images, labels)`` (accuracy).
+
+    Args:
+        model: the victim: ``(B, ...)`` inputs in [0, 1] -> logits; its gates record into traces.
+        steps: iterations (gradient forwards) at most.
+        seed: seeds ``self.generator`` afresh at every call (random starts, pixel masks).
+        early_stop: stop each sample once :meth:`goal` holds (see :meth:`should_stop`).
+        history: record per-iteration, per-sample figures into ``AttackResult.history``.
+        progress: show a tqdm progress bar.
+        criterion: ``f(ev, labels) -> (n,)`` score, higher is better, replacing :meth:`score` to
+            choose each sample's best input (ties: lower L2).
+    """
+
+    name = "attack"
+    requires_labels = False
+    grad_gate_mode = "hard"  # gate mode of the gradient forward; evaluation is always hard
+    grad_lam: float | None = None
+    # The gradient forward runs on the input the attack would return. False (ILFO: it runs unclipped
+    # inputs) disables per-iteration best-keeping and early stop: the final candidate is returned.
+    evaluates_candidate = True
+    input_range: tuple[float, float] | None = (0.0, 1.0)  # None: no range check (e.g. points in metres)
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        steps: int,
+        seed: int = 0,
+        early_stop: bool = False,
+        history: bool = False,
+        progress: bool = True,
+        criterion: Callable[[Evaluation, torch.Tensor | None], torch.Tensor] | None = None,
+    ) -> None:
+        owner = type(self).__name__
+        if not isinstance(model, nn.Module):
+            raise DynattackError(f"{owner}: model must be a torch.nn.Module, got {type(model).__name__}")
+        if criterion is not None and not callable(criterion):
+            raise DynattackError(f"{owner}: criterion must be callable")
+        self.model = model
+        self.steps = check_int(owner, "steps", steps, 0)
+        self.seed = check_int(owner, "seed", seed, None)
+        self.early_stop = check_bool(owner, "early_stop", early_stop)
+        self.history = check_bool(owner, "history", history)
+        self.progress = check_bool(owner, "progress", progress)
+        self.criterion = criterion
+        self.generator: torch.Generator | None = None
+
+    # ---- hooks ---------------------------------------------------------------------------
+    def params(self) -> dict:
+        """The attack's settings, for result files."""
+        return {"steps": self.steps, "seed": self.seed, "early_stop": self.early_stop}
+
+    def init_state(self, images: torch.Tensor, labels: torch.Tensor | None, clean: Evaluation) -> dict:
+        raise NotImplementedError
+
+    def forward_input(self, state: dict, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def step(self, state: dict, idx: torch.Tensor, leaf: torch.Tensor, fwd: Forward, keep: torch.Tensor, it: int) -> dict:
+        raise NotImplementedError
+
+    def candidate(self, state: dict, idx: torch.Tensor) -> torch.Tensor:
+        x, _ = self.forward_input(state, idx)
+        return x.detach()
+
+    def check_victim(self, clean: Evaluation) -> None:
+        """Raise :class:`DynattackError` when the victim cannot be attacked (seen on clean inputs)."""
+
+    def goal(self, ev: Evaluation, labels: torch.Tensor | None) -> torch.Tensor:
+        """``(n,)`` bool: the sample is fully attacked."""
+        raise NotImplementedError
+
+    def score(self, ev: Evaluation, labels: torch.Tensor | None) -> torch.Tensor:
+        """``(n,)`` how good an input is (higher is better; ties go to the lower L2)."""
+        raise NotImplementedError
+
+    def should_stop(self, state: dict, idx: torch.Tensor, ev: Evaluation, labels: torch.Tensor | None) -> torch.Tensor:
+        """``(n,)`` bool: rows to stop now (their current input is kept, no update applied)."""
+        if not self.early_stop:
+            return torch.zeros_like(ev.all_on)
+        return self.goal(ev, labels)
+
+    # ---- machinery -----------------------------------------------------------------------
+    def _score(self, ev: Evaluation, labels):
+        return (self.criterion or self.score)(ev, labels)
+
+    def _check_inputs(self, images, labels):
+        owner = type(self).__name__
+        if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.dim() < 2:
+            raise DynattackError(f"{owner}: images must be a floating tensor (B, C, H, W)")
+        if images.shape[0] == 0:
+            raise DynattackError(f"{owner}: empty batch")
+        if not torch.isfinite(images).all():
+            raise DynattackError(f"{owner}: inputs must be finite")
+        if self.input_range is not None:
+            lo, hi = self.input_range
+            if images.min() < lo or images.max() > hi:
+                raise DynattackError(f"{owner}: inputs must lie in [{lo}, {hi}] (normalisation lives in the victim)")
+        param = next(self.model.parameters(), None)
+        device = param.device if param is not None else images.device
+        images = images.detach().to(device).clone()
+        if labels is None:
+            if self.requires_labels:
+                raise DynattackError(f"{owner}: this attack needs labels: atk(images, labels)")
+        else:
+            if not isinstance(labels, torch.Tensor) or labels.shape != images.shape[:1] or labels.is_floating_point():
+                raise DynattackError(f"{owner}: labels must be an integer tensor of shape ({images.shape[0]},)")
+            labels = labels.detach().to(device).long().clone()
+        return images, labels
+
+    def _evaluation(self, logits: torch.Tensor, trace: Trace, units: GateUnits, full: float) -> Evaluation:
+        n = logits.shape[0]
+        with torch.no_grad():
+            if len(trace):
+                flops = cost.executed_flops(self.model, trace).to(logits.device, torch.float64)
+            else:  # a static victim runs everything
+                flops = torch.full((n,), full, dtype=torch.float64, device=logits.device)
+            dev = logits.device
+            gv = [e.value.detach().reshape(n, -1).float().mean(1) for e in trace]
+            go = [e.decision.reshape(n, -1).float().mean(1) for e in trace]
+            gv = torch.stack(gv, 1) if gv else torch.zeros(n, 0, device=dev)
+            go = torch.stack(go, 1) if go else torch.zeros(n, 0, device=dev)
+            return Evaluation(logits.detach(), logits.detach().argmax(1), flops, units.all_on, gv, go, units.names)
+
+    def _evaluate(self, x: torch.Tensor, full: float) -> Evaluation:
+        """The hard network on ``x``, no gradient."""
+        with torch.no_grad(), Trace() as trace:
+            logits = self.model(x)
+        return self._evaluation(logits, trace, gate_units(trace, x.shape[0], x.device), full)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> AttackResult:
+        start = time.perf_counter()
+        # Callers may be inside no_grad / inference_mode: the attack needs autograd (and copies
+        # made here must not be inference tensors).
+        with torch.inference_mode(False), torch.enable_grad():
+            return self._run(images, labels, start)
+
+    def _run(self, images, labels, start: float) -> AttackResult:
+        images, labels = self._check_inputs(images, labels)
+        B = images.shape[0]
+        dev = images.device
+        with victim_context(self.model):
+            full = cost.profile(self.model, tuple(images.shape[1:])).full
+            self.generator = torch.Generator(device=dev).manual_seed(self.seed)
+            clean = self._evaluate(images, full)
+            self.check_victim(clean)
+            state = self.init_state(images, labels, clean)
+            best = _Best(images, clean, self._score(clean, labels), self.goal(clean, labels))
+            active = torch.ones(B, dtype=torch.bool, device=dev)
+            if self.early_stop and self.evaluates_candidate:
+                active &= ~best.success  # nothing to do
+            iterations = torch.zeros(B, dtype=torch.long, device=dev)
+            records: list[tuple[torch.Tensor, dict]] = []
+            lab = (lambda rows: None) if labels is None else (lambda rows: labels[rows])
+            hard = self.grad_gate_mode == "hard"
+
+            bar = tqdm(range(self.steps), desc=self.name, disable=not self.progress, leave=False)
+            for it in bar:
+                idx = active.nonzero().squeeze(1)
+                if idx.numel() == 0:
+                    break
+                x_in, leaf = self.forward_input(state, idx)
+                mode = contextlib.nullcontext() if hard else gate_mode(self.model, self.grad_gate_mode, lam=self.grad_lam)
+                with mode, Trace() as trace:
+                    logits = self.model(x_in)
+                units = gate_units(trace, idx.numel(), dev)
+                if hard:
+                    ev = self._evaluation(logits, trace, units, full)
+                else:  # the soft forward is not the network being attacked: ask the hard one
+                    ev = self._evaluate(x_in.detach(), full)
+                if self.evaluates_candidate:
+                    x_c = x_in.detach()
+                    best.offer(idx, x_c, ev, self._score(ev, lab(idx)), self.goal(ev, lab(idx)), it)
+                    stop = self.should_stop(state, idx, ev, lab(idx))
+                else:
+                    stop = torch.zeros(idx.numel(), dtype=torch.bool, device=dev)
+                keep = ~stop
+                stats = self.step(state, idx, leaf, Forward(x_in, logits, trace, units, ev), keep, it)
+                iterations[idx[keep]] += 1
+                active[idx[stop]] = False
+                if self.history:
+                    rec = {"flops": ev.flops, "l2": metrics.l2(images[idx], x_in.detach()),
+                           "gate_value": ev.gate_value, "gate_on": ev.gate_on}
+                    rec.update({k: v.detach() for k, v in stats.items()})
+                    records.append((idx, rec))
+                if self.progress:
+                    post = {"active": int(active.sum())}
+                    if self.evaluates_candidate:
+                        post["done"] = int(best.success.sum())
+                    bar.set_postfix(post, refresh=False)
+            bar.close()
+
+            # The last update of rows still running has not been evaluated yet.
+            idx = active.nonzero().squeeze(1) if self.evaluates_candidate else torch.arange(B, device=dev)
+            if idx.numel():
+                with torch.no_grad():
+                    x_c = self.candidate(state, idx)
+                ev = self._evaluate(x_c, full)
+                best.offer(idx, x_c, ev, self._score(ev, lab(idx)), self.goal(ev, lab(idx)), self.steps,
+                           force=not self.evaluates_candidate)
+
+        f_full = torch.full((B,), full, dtype=torch.float64, device=dev)
+        return AttackResult(
+            adv=best.adv,
+            flops_clean=clean.flops,
+            flops_adv=best.flops,
+            flops_full=f_full,
+            recovery=cost.recovery_per_sample(clean.flops, best.flops, f_full),
+            psnr=metrics.psnr(images, best.adv),
+            l2=metrics.l2(images, best.adv),
+            linf=metrics.linf(images, best.adv),
+            iterations=iterations,
+            success_iteration=best.first,
+            success=best.success,
+            clean_pred=clean.pred,
+            adv_pred=best.pred,
+            labels=labels,
+            attack=self.name,
+            params=self.params(),
+            seconds=time.perf_counter() - start,
+            gate_names=clean.gate_names,
+            history=self._stack_history(records, B) if self.history else None,
+        )
+
+    @staticmethod
+    def _stack_history(records: list, B: int) -> dict[str, torch.Tensor]:
+        """Per-iteration rows -> ``(T, B, ...)`` tensors, NaN (False) where a sample did not run."""
+        out: dict[str, torch.Tensor] = {}
+        T = len(records)
+        for t, (idx, rec) in enumerate(records):
+            for k, v in rec.items():
+                v = v.detach().cpu()
+                if k not in out:
+                    fill = False if v.dtype == torch.bool else float("nan")
+                    dtype = torch.bool if v.dtype == torch.bool else torch.float64
+                    out[k] = torch.full((T, B, *v.shape[1:]), fill, dtype=dtype)
+                out[k][t, idx.cpu()] = v.to(out[k].dtype)
+        active = torch.zeros(T, B, dtype=torch.bool)
+        for t, (idx, _) in enumerate(records):
+            active[t, idx.cpu()] = True
+        out["active"] = active
+        return out
+
+
+class EnergyAttack(Attack):
+    """Energy attacks: the best input runs the most FLOPs (then has the lowest L2); the goal is
+    every costed gated unit on."""
+
+    def goal(self, ev, labels):
+        return ev.all_on
+
+    def score(self, ev, labels):
+        return ev.flops
+
+    def check_victim(self, clean: Evaluation) -> None:
+        if not clean.gate_names:
+            raise DynattackError(f"{type(self).__name__}: the model declares no gates: nothing to switch on")
+
+
+GRAD_MODES = {"fgm": "hard", "lgm": "lgm", "lgm_st": "lgm_st"}
+
+
+class AccuracyAttack(Attack):
+    """Base for accuracy attacks (FGSM, I-FGSM, PGD, MI-FGSM): ``atk(images, labels)``.
+
+    The goal is a misclassified input (targeted: the target class), the default score is that
+    goal, so each sample keeps its least distorted successful input (pass ``criterion`` to choose
+    otherwise). ``grad`` sets the gate mode of the gradient forward only (``fgm``: hard,
+    ``lgm``: sigmoid(lam q) forward and backward, ``lgm_st``: hard forward, sigmoid backward);
+    every evaluation, stop test and reported figure uses the hard network.
+    """
+
+    requires_labels = True
+
+    def __init__(self, model, *, steps, grad: str = "fgm", lam: float = 1.0, targeted: bool = False, **kw) -> None:
+        super().__init__(model, steps=steps, **kw)
+        owner = type(self).__name__
+        if grad not in GRAD_MODES:
+            raise DynattackError(f"{owner}: grad must be one of {', '.join(GRAD_MODES)}, got {grad!r}")
+        self.grad = grad
+        self.grad_gate_mode = GRAD_MODES[grad]
+        self.grad_lam = check_positive(owner, "lam", lam)
+        self.targeted = check_bool(owner, "targeted", targeted)
+
+    def params(self) -> dict:
+        return {**super().params(), "grad": self.grad, "lam": self.grad_lam, "targeted": self.targeted}
+
+    def goal(self, ev, labels):
+        return ev.pred == labels if self.targeted else ev.pred != labels
+
+    def score(self, ev, labels):
+        return self.goal(ev, labels).double()

@@ -1,0 +1,236 @@
+"""GradAuto (Pan et al., ECCV 2022): energy attack with rectified gradients.
+
+Per iteration and per sample, on the hard network (the gradient flows through every gate value
+``G = value_fn(q)`` recorded in the trace while the network runs its hard decisions):
+
+* complexity loss ``L_C = sum_u lambda_u relu(tau_u - G_u)`` (Eq. 6/8) with ``lambda_u`` the
+  unit's share of the total gated FLOPs, over every unit of every gate (blocks, channels,
+  positions, voxels alike) and finished loss ``L_F = -sum_u lambda_u relu(G_u - tau_u)`` (Eq. 20);
+* ``g_C``, ``g_F``: their gradients w.r.t. the perturbation, two vector-Jacobian products of ONE
+  forward (the distortion gradient is closed-form: no third backward);
+* rectified direction (Eq. 23-25): where ``<g_C, g_F> < 0`` the component of ``g_C`` along
+  ``g_F`` is removed, from iteration ``rd_start`` on;
+* rectified magnitude (Eq. 16-17): ``g_C`` rescaled to L2 norm ``K``;
+* Adam on the perturbation along ``N * g_C' + grad sum((x' - x)^2)``, ``N`` = elements per sample.
+
+Scaling of K: the paper's objective (Eq. 7) is an L2 distortion term plus ``N * L_C`` (Eq. 5,
+MSE + L_C, multiplied by N = 3HW); taking the distortion as the squared L2 ``sum((x' - x)^2)``
+(Carlini-Wagner style, the "MSE term") and L_C rectified to gradient norm K gives the authors'
+update ``K * N * g_C_hat + g_L2``. Adam is invariant to a
+global scale, so it is the same as ``K * g_C_hat + grad MSE`` with the per-sample mean squared
+error: K weighs a unit-norm complexity direction against the MSE, independent of image size, and
+is comparable with the paper's Table 3 (K in 1e-3 .. 1e2). With rectified magnitude off (ablation)
+the raw ``N * g_C + g_L2`` of Eq. 7 is used and K plays no part.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import DynattackError
+from .base import (
+    EnergyAttack,
+    Forward,
+    PerSampleAdam,
+    check_bool,
+    check_int,
+    check_positive,
+    vjp,
+)
+
+
+def tanh_space(x: torch.Tensor, w: torch.Tensor, t0: torch.Tensor, delta: torch.Tensor):
+    """Map a perturbation ``delta`` (tanh space) to an input in [0, 1] with ``delta = 0 -> x`` exactly.
+
+    ``x' = clamp(x + (tanh(w + delta) - tanh(w)) / 2, 0, 1)`` with ``w = atanh(2x - 1)`` (clamped
+    away from +-1) and ``t0 = tanh(w)``. The difference is computed as
+    ``tanh(delta) * (1 - tanh(w) tanh(w + delta))`` (the tanh addition formula), which is exactly
+    0 when ``delta = 0`` whatever the kernels' rounding, so ``x' == x`` bitwise.
+
+    Returns ``(x', tanh(w + delta))``.
+    """
+    t = torch.tanh(w + delta)
+    return (x + 0.5 * torch.tanh(delta) * (1 - t0 * t)).clamp(0, 1), t
+
+
+def tanh_jacobian(x_adv: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Elementwise ``d x' / d delta`` of :func:`tanh_space` (zero where the clamp is active)."""
+    inside = (x_adv > 0) & (x_adv < 1)
+    return 0.5 * (1 - t * t) * inside
+
+
+def rectify(g_c: torch.Tensor, g_f: torch.Tensor | None, K: float = 1.0, magnitude: bool = True) -> torch.Tensor:
+    """Rectified direction (Eq. 23-25, when ``g_f`` is given) then magnitude (Eq. 16-17), per sample.
+
+    Where ``<g_c, g_f> < 0`` the projection of ``g_c`` on ``g_f`` is removed, so that descending
+    along the result does not lower (to first order) the gates already on; then each sample's
+    gradient is rescaled to L2 norm ``K`` (zero gradients stay zero).
+    """
+    n = g_c.shape[0]
+    g = g_c.reshape(n, -1)
+    if g_f is not None:
+        f = g_f.reshape(n, -1)
+        dot = (g * f).sum(1, keepdim=True)
+        ff = (f * f).sum(1, keepdim=True)
+        coef = torch.where(dot < 0, dot / ff.clamp_min(torch.finfo(ff.dtype).tiny), torch.zeros_like(dot))
+        g = g - coef * f
+    if magnitude:
+        norm = g.norm(dim=1, keepdim=True)
+        g = torch.where(norm > 0, g * (K / norm.clamp_min(torch.finfo(norm.dtype).tiny)), torch.zeros_like(g))
+    return g.view_as(g_c)
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample cosine; NaN where either vector is zero."""
+    a, b = a.flatten(1), b.flatten(1)
+    den = a.norm(dim=1) * b.norm(dim=1)
+    return torch.where(den > 0, (a * b).sum(1) / den, torch.full_like(den, float("nan")))
+
+
+class GradAuto(EnergyAttack):
+    """GradAuto energy attack; each part can be switched off for the ablation (Table 2).
+
+    Args:
+        model: gated victim, inputs in [0, 1].
+        K: Lipschitz constant of the rectified complexity loss (norm of the rectified g_C).
+        steps: Adam iterations at most (paper and authors' code: 300).
+        lr: Adam learning rate on the tanh-space perturbation.
+        rectify_direction: Eq. 23-25 (RD). ``rectify_magnitude``: Eq. 16-17 (RM).
+        rd_start: first iteration at which RD applies (authors' code: every iteration).
+        early_stop: stop a sample once every costed gated unit is on (the authors run all steps).
+        keep_optimising_distortion: a sample that reached all-on keeps lowering its distortion
+            with Adam on the MSE alone, accepting only iterates that keep every unit on (a rejected
+            one is undone and that sample's step size halved); with ``early_stop`` it stops after
+            ten halvings.
+        tanh_eps: ``2x - 1`` is clamped to ``+-(1 - tanh_eps)`` before ``atanh``. Exactness at
+            ``delta = 0`` does not depend on it; larger values let saturated pixels (exactly 0 or 1)
+            move sooner.
+        seed, history, progress: see :class:`~dynattack.attacks.base.Attack`.
+
+    The perturbation lives in tanh space as in Carlini-Wagner, but mapped so that ``delta = 0``
+    gives back the clean input exactly (:func:`tanh_space`). The paper's Eq. 3,
+    ``x' = (tanh(x + delta) + 1) / 2``, and the authors' code do not: their zero perturbation is
+    already a different image.
+    """
+
+    name = "gradauto"
+    MAX_HALVINGS = 10
+
+    def __init__(
+        self,
+        model,
+        K: float = 1.0,
+        steps: int = 300,
+        lr: float = 0.01,
+        rectify_direction: bool = True,
+        rectify_magnitude: bool = True,
+        rd_start: int = 0,
+        early_stop: bool = True,
+        keep_optimising_distortion: bool = False,
+        tanh_eps: float = 1e-3,
+        seed: int = 0,
+        history: bool = False,
+        progress: bool = True,
+    ) -> None:
+        super().__init__(model, steps=steps, seed=seed, early_stop=early_stop, history=history, progress=progress)
+        owner = type(self).__name__
+        self.K = check_positive(owner, "K", K)
+        self.lr = check_positive(owner, "lr", lr)
+        self.rectify_direction = check_bool(owner, "rectify_direction", rectify_direction)
+        self.rectify_magnitude = check_bool(owner, "rectify_magnitude", rectify_magnitude)
+        self.rd_start = check_int(owner, "rd_start", rd_start, 0)
+        self.keep_optimising_distortion = check_bool(owner, "keep_optimising_distortion", keep_optimising_distortion)
+        self.tanh_eps = check_positive(owner, "tanh_eps", tanh_eps)
+        if self.tanh_eps >= 1:
+            raise DynattackError(f"{owner}: tanh_eps must be in (0, 1), got {tanh_eps!r}")
+
+    def params(self) -> dict:
+        return {**super().params(), "K": self.K, "lr": self.lr, "rectify_direction": self.rectify_direction,
+                "rectify_magnitude": self.rectify_magnitude, "rd_start": self.rd_start,
+                "keep_optimising_distortion": self.keep_optimising_distortion, "tanh_eps": self.tanh_eps}
+
+    # ---- hooks -----------------------------------------------------------------------------
+    def init_state(self, images, labels, clean):
+        lim = 1.0 - self.tanh_eps
+        w = torch.atanh((2 * images - 1).clamp(-lim, lim))
+        delta = torch.zeros_like(images)
+        B = images.shape[0]
+        return {
+            "x": images, "w": w, "t0": torch.tanh(w), "delta": delta,
+            "adam": PerSampleAdam(delta, self.lr),  # updates delta in place
+            "good": delta.clone(),  # last all-on perturbation of polishing samples
+            "polish": torch.zeros(B, dtype=torch.bool, device=images.device),
+        }
+
+    def _map(self, state, idx, delta):
+        return tanh_space(state["x"][idx], state["w"][idx], state["t0"][idx], delta)
+
+    def forward_input(self, state, idx):
+        leaf = state["delta"][idx].requires_grad_()
+        x_adv, _ = self._map(state, idx, leaf)
+        return x_adv, leaf
+
+    def candidate(self, state, idx):
+        return self._map(state, idx, state["delta"][idx])[0]
+
+    def should_stop(self, state, idx, ev, labels):
+        if not self.early_stop:
+            return torch.zeros_like(ev.all_on)
+        if not self.keep_optimising_distortion:
+            return ev.all_on
+        return state["polish"][idx] & (state["adam"].lr[idx] < self.lr * 2.0**-self.MAX_HALVINGS)
+
+    def _mse_grad(self, state, idx, delta):
+        """Closed-form gradient of ``sum((x' - x)^2)`` w.r.t. ``delta`` (no backward pass)."""
+        x_adv, t = self._map(state, idx, delta)
+        return 2 * (x_adv - state["x"][idx]) * tanh_jacobian(x_adv, t)
+
+    def step(self, state, idx, leaf, fwd: Forward, keep, it):
+        u = fwd.units
+        l_c = (torch.relu(u.tau - u.value) * u.weight).sum(1)  # (n,) Eq. 6/8
+        l_f = -(torch.relu(u.value - u.tau) * u.weight).sum(1)  # (n,) Eq. 20
+        use_rd = self.rectify_direction and it >= self.rd_start
+        # g_F is needed for RD (and for the history's angles); with no unit above its threshold
+        # it is zero, so its backward is skipped.
+        need_f = (use_rd or self.history) and bool((l_f < 0).any())
+        g_c = vjp(l_c, leaf, retain_graph=need_f)
+        g_f = vjp(l_f, leaf) if need_f else torch.zeros_like(g_c)
+        g_r = rectify(g_c, g_f if use_rd else None, self.K, self.rectify_magnitude)
+        n_el = leaf[0].numel()
+        g = n_el * g_r + self._mse_grad(state, idx, leaf.detach())
+
+        if self.keep_optimising_distortion:
+            g = self._polish(state, idx, fwd.ev.all_on, g)
+        rows = idx[keep]
+        state["adam"].step(rows, g[keep])
+
+        if not self.history:
+            return {}
+        return {
+            "loss_c": l_c,
+            "loss_f": l_f,
+            "mse": (fwd.x.detach() - state["x"][idx]).flatten(1).pow(2).mean(1),
+            "grad_norm_c": g_c.flatten(1).norm(dim=1),  # before rectification
+            "grad_norm_f": g_f.flatten(1).norm(dim=1),
+            "grad_norm_rect": g_r.flatten(1).norm(dim=1),  # K where g_C != 0 (with RM)
+            "angle_cf": torch.rad2deg(torch.acos(_cos(g_c, g_f).clamp(-1, 1))),  # degrees, NaN if a gradient is 0
+            "cos_rect": _cos(g_r, g_f),  # >= 0 after RD
+        }
+
+    def _polish(self, state, idx, all_on, g):
+        """Accept/reject the iterates of samples that already reached all-on; they descend the
+        MSE alone (their complexity gradient is zero while every unit is on)."""
+        polish = state["polish"][idx]
+        new = ~polish & all_on
+        accept = polish & all_on
+        reject = polish & ~all_on
+        state["good"][idx[new | accept]] = state["delta"][idx[new | accept]]
+        state["delta"][idx[reject]] = state["good"][idx[reject]]
+        state["adam"].lr[idx[reject]] *= 0.5
+        state["adam"].reset(idx[new])  # the MSE is a new objective: forget the complexity moments
+        state["polish"][idx[new]] = True
+        now = polish | new
+        if now.any():
+            rows = idx[now]
+            g = g.clone()
+            g[now] = self._mse_grad(state, rows, state["delta"][rows])
+        return g

@@ -1,0 +1,443 @@
+"""Dataset-level attack runs that survive a crash and spread over processes.
+
+A run directory holds (DESIGN.md):
+
+- ``config.json``   everything that decides the result (victim, attack, parameters, data slice,
+                    batch size, seed, shard); ``--resume`` refuses a directory of another config;
+- ``samples.jsonl`` one line per sample, appended batch by batch;
+- ``adv/batch_NNNNN.safetensors`` the adversarial inputs of each batch;
+- ``summary.json``  the aggregate figures, written at the end.
+
+Every file except samples.jsonl is written to a temporary name and renamed. A batch counts as
+done when its shard exists and all its sample lines are in samples.jsonl; resume drops any
+partial tail and redoes only unfinished batches. Each batch is attacked with a seed derived from
+(run seed, batch index) alone, so a resumed, sharded or multi-process run gives bit-identical
+per-sample results and summary to one uninterrupted process (timings aside).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import cost, metrics
+from .errors import DynattackError
+from .gates import Trace
+
+SUMMARY_KEYS = (
+    "victim", "attack", "n", "clean_acc", "adv_acc", "flops_full", "flops_clean", "flops_adv", "recovery_pct",
+    "recovery_pct_mean", "psnr_db", "linf", "l2", "arch_change_pct", "miou_clean", "miou_adv",
+    "latency_clean_ms", "latency_adv_ms", "latency_full_ms", "iterations_mean", "seconds",
+)
+TIMING_KEYS = ("latency_clean_ms", "latency_adv_ms", "latency_full_ms", "seconds")
+
+
+@dataclass
+class RunConfig:
+    """What decides a run's result; two runs with equal configs give equal results."""
+
+    victim: str
+    attack: str
+    params: dict = field(default_factory=dict)
+    dataset: str = "fashion-mnist"
+    split: str = "test"
+    offset: int = 0
+    n: int = 100
+    batch_size: int = 50
+    seed: int = 0
+    weights: str | None = None
+    shard: tuple[int, int] = (0, 1)
+
+    def batches(self) -> list[tuple[int, int, int]]:
+        """(batch index, start, stop) of this shard's batches; batch b belongs to shard b mod n."""
+        i, n = self.shard
+        out = []
+        for b, start in enumerate(range(self.offset, self.offset + self.n, self.batch_size)):
+            if b % n == i:
+                out.append((b, start, min(start + self.batch_size, self.offset + self.n)))
+        return out
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["shard"] = list(self.shard)
+        return d
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    return (seed * 1_000_003 + batch) % (2**63)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write to a temporary name, then rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise DynattackError(f"cannot write {path}: {exc.strerror or exc}; finished batches are kept, "
+                             "free space and rerun with --resume") from None
+
+
+def save_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise DynattackError(f"cannot write {path}: {exc.strerror or exc}; finished batches are kept, "
+                             "free space and rerun with --resume") from None
+
+
+def _json_value(v):
+    """Numbers for JSON; NaN and inf become null (DESIGN.md: null where it does not apply)."""
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def append_lines(path: Path, records: list[dict]) -> None:
+    text = "".join(json.dumps({k: _json_value(v) for k, v in r.items()}) + "\n" for r in records)
+    try:
+        with open(path, "a") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise DynattackError(f"cannot write {path}: {exc.strerror or exc}; finished batches are kept, "
+                             "free space and rerun with --resume") from None
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    """The complete batches' sample records (partial tails dropped), sorted by sample index."""
+    path = run_dir / "samples.jsonl"
+    if not path.exists():
+        return []
+    by_batch: dict[int, list[dict]] = {}
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        by_batch.setdefault(rec["batch"], []).append(rec)
+    done = []
+    for b, recs in by_batch.items():
+        if len(recs) == recs[0]["batch_size"] and (run_dir / "adv" / f"batch_{b:05d}.safetensors").exists():
+            done.extend(recs)
+    return sorted(done, key=lambda r: r["index"])
+
+
+def load_config(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DynattackError(f"{run_dir} is not a readable run directory ({exc})") from None
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def per_sample_records(model, config: RunConfig, batch: int, start: int, images, labels, res) -> list[dict]:
+    """One record per sample, measured on the hard network from (clean, adversarial) alone."""
+    with torch.no_grad(), Trace() as t_clean:
+        clean_logits = model(images)
+    with torch.no_grad(), Trace() as t_adv:
+        adv_logits = model(res.adv)
+    if len(t_clean):
+        d_clean, d_adv = t_clean.flat("decision"), t_adv.flat("decision")
+        changed, units = (d_clean != d_adv).sum(1), torch.full((len(images),), d_clean.shape[1])
+    else:
+        changed = units = torch.zeros(len(images), dtype=torch.long)
+    gates_clean, gates_adv = _gate_on_fractions(t_clean, len(images)), _gate_on_fractions(t_adv, len(images))
+    psnr = metrics.psnr(images, res.adv)
+    records = []
+    for k in range(len(images)):
+        records.append({
+            "index": start + k, "batch": batch, "batch_size": len(images), "label": int(labels[k]),
+            "clean_pred": int(clean_logits[k].argmax()), "adv_pred": int(adv_logits[k].argmax()),
+            "flops_full": float(res.flops_full[k]), "flops_clean": float(res.flops_clean[k]),
+            "flops_adv": float(res.flops_adv[k]), "recovery": float(res.recovery[k]),
+            "psnr": float(psnr[k]), "l2": float(res.l2[k]), "linf": float(res.linf[k]),
+            "iterations": int(res.iterations[k]), "success": bool(res.success[k]),
+            "units_changed": int(changed[k]), "units": int(units[k]),
+            "gates_clean": gates_clean[k].tolist(), "gates_adv": gates_adv[k].tolist(),
+        })
+    return records
+
+
+def _gate_on_fractions(trace: Trace, n: int) -> torch.Tensor:
+    """(n, gates): fraction of each gate's units that ran, per sample (for execution-rate maps)."""
+    if not len(trace):
+        return torch.zeros(n, 0)
+    return torch.stack([e.decision.reshape(n, -1).double().mean(1) for e in trace], 1).cpu()
+
+
+def summarize(records: list[dict], config: dict) -> dict:
+    """summary.json from sample records (same records -> same summary, bit for bit)."""
+    def col(key):
+        return torch.tensor([r[key] if r[key] is not None else math.nan for r in records], dtype=torch.float64)
+
+    n = len(records)
+    label = col("label")
+    clean_ok = col("clean_pred") == label
+    f_full, f_clean, f_adv = col("flops_full"), col("flops_clean"), col("flops_adv")
+    per = cost.recovery_per_sample(f_clean, f_adv, f_full)
+    per = per[~torch.isnan(per)]
+    psnr = col("psnr")
+    psnr = psnr[torch.isfinite(psnr)]  # identical images (infinite PSNR) are left out of the mean
+    units = col("units")[clean_ok].sum()
+    summary = {
+        "victim": config["victim"],
+        "attack": config["attack"],
+        "n": n,
+        "clean_acc": float(clean_ok.double().mean()),
+        "adv_acc": float((col("adv_pred") == label).double().mean()),
+        "flops_full": float(f_full.mean()),
+        "flops_clean": float(f_clean.mean()),
+        "flops_adv": float(f_adv.mean()),
+        "recovery_pct": cost.recovery_aggregate(f_clean, f_adv, f_full),
+        "recovery_pct_mean": float(per.mean()) if len(per) else None,
+        "psnr_db": float(psnr.mean()) if len(psnr) else None,
+        "linf": float(col("linf").mean()),
+        "l2": float(col("l2").mean()),
+        # SkipNet definition: differing (sample, unit) decisions over the originally correct samples
+        "arch_change_pct": float(col("units_changed")[clean_ok].sum() / units * 100) if units > 0 else None,
+        "miou_clean": None,
+        "miou_adv": None,
+        "latency_clean_ms": None,
+        "latency_adv_ms": None,
+        "latency_full_ms": None,
+        "iterations_mean": float(col("iterations").mean()),
+        "seconds": None,
+    }
+    return {k: _json_value(v) for k, v in summary.items()}
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "adv").mkdir(exist_ok=True)
+    cfg_path = run_dir / "config.json"
+    if cfg_path.exists():
+        if not resume:
+            raise DynattackError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+        if load_config(run_dir) != config.to_json():
+            raise DynattackError(f"--resume: {run_dir} was written by another configuration (see its config.json)")
+    else:
+        write_atomic(cfg_path, json.dumps(config.to_json(), indent=2) + "\n")
+    # Drop lines of batches that were cut short, so appends continue a clean file.
+    path = run_dir / "samples.jsonl"
+    if path.exists():
+        records = read_records(run_dir)
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        if text != path.read_text():
+            write_atomic(path, text)
+
+
+def run_attack(model, attack, config: RunConfig, images: torch.Tensor, labels: torch.Tensor, run_dir: Path,
+               resume: bool = False, progress: bool = True) -> list[dict]:
+    """Attack this shard's pending batches of ``images[offset:offset+n]``; returns all records."""
+    run_dir = Path(run_dir)
+    prepare_run_dir(run_dir, config, resume)
+    done = {r["batch"] for r in read_records(run_dir)}
+    pending = [b for b in config.batches() if b[0] not in done]
+    device = next(model.parameters()).device
+    bar = tqdm(pending, desc=f"{config.attack} on {config.victim}", unit="batch", disable=not progress)
+    for b, start, stop in bar:
+        x = images[start:stop].to(device)
+        y = labels[start:stop].to(device)
+        attack.seed = batch_seed(config.seed, b)
+        attack.history = b == 0  # per-iteration figures of the first batch, for the report
+        res = attack(x, y)
+        if res.history is not None:
+            history = {k: v.double() if v.dtype != torch.bool else v for k, v in res.history.items()}
+            save_shard(run_dir / "history.safetensors", {**history, "index": torch.arange(start, stop)})
+        save_shard(run_dir / "adv" / f"batch_{b:05d}.safetensors",
+                   {"adv": res.adv, "clean": x, "index": torch.arange(start, stop)})
+        append_lines(run_dir / "samples.jsonl", per_sample_records(model, config, b, start, x, y, res))
+    return read_records(run_dir)
+
+
+def load_adversarial(run_dir: Path, indices: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, adversarial inputs) of a run directory, sorted by sample index."""
+    idx, adv = [], []
+    for path in sorted((Path(run_dir) / "adv").glob("batch_*.safetensors")):
+        try:
+            t = load_file(str(path))
+        except Exception as exc:  # a truncated shard: report, do not crash deep inside
+            raise DynattackError(f"shard {path} is corrupt ({str(exc).splitlines()[0]}); delete it and --resume") from None
+        idx.append(t["index"])
+        adv.append(t["adv"])
+    if not idx:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0)
+    idx, adv = torch.cat(idx), torch.cat(adv)
+    order = idx.argsort()
+    idx, adv = idx[order], adv[order]
+    if indices is not None:
+        keep = torch.isin(idx, torch.tensor(indices))
+        idx, adv = idx[keep], adv[keep]
+    return idx, adv
+
+
+def finish_run(model, run_dir: Path, images: torch.Tensor, latency_n: int = 20, seconds: float | None = None) -> dict:
+    """Write summary.json (with batch-1 latency on the first ``latency_n`` samples)."""
+    run_dir = Path(run_dir)
+    config = load_config(run_dir)
+    records = read_records(run_dir)
+    if not records:
+        raise DynattackError(f"{run_dir} holds no finished sample")
+    summary = summarize(records, config)
+    if latency_n > 0:
+        device = next(model.parameters()).device
+        idx, adv = load_adversarial(run_dir, [r["index"] for r in records[:latency_n]])
+        clean = images[idx].to(device)
+        summary["latency_clean_ms"] = cost.batch1_latency_ms(model, clean)
+        summary["latency_adv_ms"] = cost.batch1_latency_ms(model, adv.to(device))
+        summary["latency_full_ms"] = cost.batch1_latency_ms(model, clean, force="on")
+    summary["seconds"] = seconds
+    device = next(model.parameters()).device
+    with torch.no_grad(), Trace() as trace:
+        model(images[:1].to(device))
+    write_atomic(run_dir / "gates.json", json.dumps([e.name for e in trace]) + "\n")
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def merge_runs(shard_dirs: list[Path], out_dir: Path) -> Path:
+    """Merge shard run directories of one configuration into ``out_dir`` (summary left to finish_run)."""
+    shard_dirs = [Path(d) for d in shard_dirs]
+    configs = [load_config(d) for d in shard_dirs]
+    base = {k: v for k, v in configs[0].items() if k != "shard"}
+    for d, c in zip(shard_dirs, configs):
+        if {k: v for k, v in c.items() if k != "shard"} != base:
+            raise DynattackError(f"cannot merge {d}: its config differs from {shard_dirs[0]}'s beyond the shard")
+    counts = {c["shard"][1] for c in configs}
+    got = sorted(c["shard"][0] for c in configs)
+    if len(counts) != 1 or got != list(range(counts.pop())):
+        raise DynattackError(f"cannot merge: expected shards 0..n-1 of one split, got {[c['shard'] for c in configs]}")
+    out_dir = Path(out_dir)
+    config = RunConfig(**{**base, "shard": (0, 1)})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "adv").mkdir(exist_ok=True)
+    write_atomic(out_dir / "config.json", json.dumps(config.to_json(), indent=2) + "\n")
+    records = []
+    for d in shard_dirs:
+        for path in (d / "adv").glob("batch_*.safetensors"):
+            if path.resolve() != (out_dir / "adv" / path.name).resolve():
+                shutil.copyfile(path, out_dir / "adv" / f".{path.name}.tmp")
+                os.replace(out_dir / "adv" / f".{path.name}.tmp", out_dir / "adv" / path.name)
+        records.extend(read_records(d))
+    records.sort(key=lambda r: r["index"])
+    write_atomic(out_dir / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    missing = {b for b, _, _ in config.batches()} - {r["batch"] for r in records}
+    if missing:
+        raise DynattackError(f"cannot merge: batches {sorted(missing)[:10]} are missing (resume those shards first)")
+    return out_dir
+
+
+# ----------------------------------------------------------------------------- command-line glue
+
+
+def build_attack(name: str, model, params: dict, progress: bool = True):
+    """An attack by registry name; unknown names and parameters are one clear error."""
+    import inspect
+
+    from .attacks import ATTACKS
+
+    if name not in ATTACKS:
+        raise DynattackError(f"unknown attack {name!r}; known attacks: {', '.join(sorted(ATTACKS))}")
+    cls = ATTACKS[name]
+    known = set()
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass):
+            known |= {p for p in inspect.signature(klass.__init__).parameters if p not in ("self", "model", "kw", "kwargs")}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise DynattackError(f"unknown parameter(s) {', '.join(unknown)} for {name}; known: {', '.join(sorted(known))}")
+    try:
+        return cls(model, **{"progress": progress, **params})
+    except TypeError as exc:
+        raise DynattackError(f"{name}: {exc}") from None
+
+
+def _load_victim_and_data(victim: str, weights, data, device: str):
+    from .data import load_dataset
+    from .models import create_model, get_spec
+
+    model = create_model(victim, weights=weights, device=device)
+    images, labels = load_dataset(get_spec(victim).dataset, "test", data)[:2]
+    if tuple(images.shape[1:]) != tuple(model.input_shape):
+        raise DynattackError(f"{victim} takes inputs of shape {tuple(model.input_shape)}, the data has "
+                             f"{tuple(images.shape[1:])} (wrong channel count or size)")
+    if not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1:
+        raise DynattackError("the images must be finite and in [0, 1]")
+    return model, images, labels
+
+
+def run_cli_attack(*, victim, attack, params, out, n, offset, batch_size, seed, resume, shard, latency_n,
+                   weights, data, device, progress) -> dict | None:
+    """`dynattack attack`: one process, one shard, or every rank of a torchrun job."""
+    out = Path(out)
+    if n <= 0 or offset < 0 or batch_size <= 0:
+        raise DynattackError("--n and --batch-size must be > 0 and --offset >= 0")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        import torch.distributed as dist
+
+        if shard != (0, 1):
+            raise DynattackError("--shard and torchrun split the data each their own way: use one of them")
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        shard = (rank, world)
+    try:
+        model, images, labels = _load_victim_and_data(victim, weights, data, device)
+        if offset + n > len(images):
+            raise DynattackError(f"--offset {offset} + --n {n} exceeds the {len(images)} test images")
+        atk = build_attack(attack, model, params, progress and rank == 0)
+        config = RunConfig(victim=victim, attack=attack, params=atk.params(), offset=offset, n=n,
+                           batch_size=batch_size, seed=seed, weights=str(weights) if weights else None, shard=shard)
+        run_dir = out / "ranks" / f"rank{rank}" if world > 1 else out
+        t0 = time.perf_counter()
+        run_attack(model, atk, config, images, labels, run_dir, resume=resume, progress=progress and rank == 0)
+        seconds = time.perf_counter() - t0
+        if world > 1:
+            dist.barrier()
+            summary = None
+            if rank == 0:
+                merge_runs([out / "ranks" / f"rank{r}" for r in range(world)], out)
+                summary = finish_run(model, out, images, latency_n, seconds)
+            dist.barrier()
+            return summary
+        return finish_run(model, out, images, latency_n, seconds)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def merge_cli(shards, out, latency_n, data, device) -> dict:
+    merge_runs(shards, out)
+    config = load_config(Path(out))
+    model, images, _ = _load_victim_and_data(config["victim"], config.get("weights"), data, device)
+    return finish_run(model, out, images, latency_n, None)
