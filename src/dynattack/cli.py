@@ -100,6 +100,144 @@ def eval_cmd(
     _print_table([("metric", "value")] + rows)
 
 
+def parse_value(text: str):
+    """CLI values: ints, floats, fractions like 8/255, true/false, none, else the string."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    num, slash, den = text.partition("/")
+    if slash:
+        try:
+            return float(num) / float(den)
+        except (ValueError, ZeroDivisionError):
+            raise DynattackError(f"cannot read {text!r} as a number or fraction") from None
+    return text
+
+
+def parse_params(pairs: list[str]) -> dict:
+    params = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            raise DynattackError(f"--param expects key=value, got {pair!r}")
+        params[key.strip()] = parse_value(value)
+    return params
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if text is None:
+        return (0, 1)
+    i, slash, n = text.partition("/")
+    if not (slash and i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
+        raise DynattackError(f"--shard expects i/n with 0 <= i < n, got {text!r}")
+    return int(i), int(n)
+
+
+@app.command("attack")
+def attack_cmd(
+    victim: str = typer.Option(..., "--victim", help="victim name from `dynattack models`"),
+    attack: str = typer.Option(..., "--attack", help="attack name (gradauto, ilfo, ...)"),
+    out: Path = typer.Option(..., "--out", help="run directory (config.json, samples.jsonl, adv/, summary.json)"),
+    n: int = typer.Option(100, "--n", help="number of test images"),
+    offset: int = typer.Option(0, "--offset", help="first test image"),
+    batch_size: int = typer.Option(50, "--batch-size", help="images attacked together"),
+    seed: int = typer.Option(0, "--seed", help="run seed (each batch gets its own derived seed)"),
+    param: list[str] = typer.Option([], "--param", help="attack parameter key=value (repeatable)"),
+    eps: Optional[str] = typer.Option(None, "--eps", help="Linf budget in [0, 1]; 8/255 notation accepted"),
+    grad: Optional[str] = typer.Option(None, "--grad", help="gradient mode of accuracy attacks: fgm, lgm, lgm_st"),
+    lam: Optional[float] = typer.Option(None, "--lam", help="LGM sigmoid slope"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="attack iterations"),
+    resume: bool = typer.Option(False, "--resume", help="continue a killed run in --out"),
+    shard: Optional[str] = typer.Option(None, "--shard", help="run only slice i/n of the batches"),
+    latency_n: int = typer.Option(20, "--latency-n", help="samples timed at batch 1 (clean, adversarial, all on)"),
+    weights: Optional[Path] = typer.Option(None, help="victim weights (safetensors or official .pth) instead of the zoo's"),
+    data: Optional[Path] = DataOpt,
+    device: str = DeviceOpt,
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars"),
+) -> None:
+    """Attack the first N test images of a victim's dataset; results go into the run directory."""
+    from .runner import run_cli_attack
+
+    params = parse_params(param)
+    for key, value in (("eps", parse_value(eps) if eps is not None else None), ("grad", grad), ("lam", lam),
+                       ("steps", steps)):
+        if value is not None:
+            params[key] = value
+    summary = run_cli_attack(victim=victim, attack=attack, params=params, out=out, n=n, offset=offset,
+                             batch_size=batch_size, seed=seed, resume=resume, shard=parse_shard(shard),
+                             latency_n=latency_n, weights=weights, data=data, device=resolve_device(device),
+                             progress=progress)
+    if summary is not None:
+        _print_summary(summary)
+        typer.echo(f"run directory: {out}")
+
+
+@app.command("merge")
+def merge_cmd(
+    shards: list[Path] = typer.Argument(..., help="shard run directories (all shards i/n of one run)"),
+    out: Path = typer.Option(..., "--out", help="merged run directory"),
+    latency_n: int = typer.Option(20, "--latency-n", help="samples timed at batch 1"),
+    data: Optional[Path] = DataOpt,
+    device: str = DeviceOpt,
+) -> None:
+    """Merge the shard directories of one run into one run directory with its summary."""
+    from .runner import merge_cli
+
+    _print_summary(merge_cli(shards, out, latency_n=latency_n, data=data, device=resolve_device(device)))
+    typer.echo(f"run directory: {out}")
+
+
+@app.command("report")
+def report_cmd(run_dir: Path = typer.Argument(..., help="a run directory written by `dynattack attack`")) -> None:
+    """(Re)write report.html and figures/*.png of a run directory."""
+    from .report import write_report
+
+    typer.echo(f"wrote {write_report(run_dir)}")
+
+
+@app.command("demo")
+def demo_cmd(
+    victim: str = typer.Option("skipnet38-rnn-hrl", "--victim", help="a shipped gated victim"),
+    n: int = typer.Option(50, "--n", help="first N Fashion-MNIST test images"),
+    steps: int = typer.Option(300, "--steps", help="iterations per attack (GradAuto stops each sample early once all on)"),
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="directory for the two run directories"),
+    device: str = DeviceOpt,
+) -> None:
+    """The main job: GradAuto vs ILFO on a shipped SkipNet, a comparison table and the reports."""
+    from .runner import run_cli_attack
+
+    dev = resolve_device(device)
+    rows = [("attack", "recovery", "PSNR", "clean acc", "adv acc", "latency clean / adv / all on (b=1)", "report")]
+    for attack in ("gradauto", "ilfo"):
+        typer.echo(f"{attack} on {victim}, {n} test images, {steps} steps ...")
+        run_dir = out / attack
+        s = run_cli_attack(victim=victim, attack=attack, params={"steps": steps}, out=run_dir, n=n, offset=0,
+                           batch_size=n, seed=0, resume=(run_dir / "config.json").exists(), shard=(0, 1),
+                           latency_n=20, weights=None, data=None, device=dev, progress=True)
+        rows.append((attack, f"{s['recovery_pct']:.1f} %", f"{s['psnr_db']:.1f} dB" if s["psnr_db"] else "-",
+                     f"{100 * s['clean_acc']:.1f} %", f"{100 * s['adv_acc']:.1f} %",
+                     f"{s['latency_clean_ms']:.2f} / {s['latency_adv_ms']:.2f} / {s['latency_full_ms']:.2f} ms",
+                     str(run_dir / "report.html")))
+    typer.echo("")
+    _print_table(rows)
+
+
+def _print_summary(summary: dict) -> None:
+    rows = [("figure", "value")]
+    for key, value in summary.items():
+        if value is None:
+            continue
+        rows.append((key, f"{value:.4g}" if isinstance(value, float) else str(value)))
+    _print_table(rows)
+
+
 def _print_table(rows: list[tuple]) -> None:
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for k, row in enumerate(rows):

@@ -298,8 +298,10 @@ def load_adversarial(run_dir: Path, indices: list[int] | None = None) -> tuple[t
     return idx, adv
 
 
-def finish_run(model, run_dir: Path, images: torch.Tensor, latency_n: int = 20, seconds: float | None = None) -> dict:
-    """Write summary.json (with batch-1 latency on the first ``latency_n`` samples)."""
+def finish_run(model, run_dir: Path, images: torch.Tensor, latency_n: int = 20, seconds: float | None = None,
+               report: bool = True) -> dict:
+    """Write summary.json (with batch-1 latency on the first ``latency_n`` samples), gates.json
+    and the report (report.html, figures/)."""
     run_dir = Path(run_dir)
     config = load_config(run_dir)
     records = read_records(run_dir)
@@ -317,8 +319,13 @@ def finish_run(model, run_dir: Path, images: torch.Tensor, latency_n: int = 20, 
     device = next(model.parameters()).device
     with torch.no_grad(), Trace() as trace:
         model(images[:1].to(device))
-    write_atomic(run_dir / "gates.json", json.dumps([e.name for e in trace]) + "\n")
+    gates = [{"name": e.name, "tau": e.tau, "units": e.units} for e in trace]
+    write_atomic(run_dir / "gates.json", json.dumps(gates) + "\n")
     write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if report:
+        from .report import write_report
+
+        write_report(run_dir)
     return summary
 
 
