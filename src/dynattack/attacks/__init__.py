@@ -1,13 +1,19 @@
 """Attacks on gated victims. Each reads only the trace and the logits (no model family imports).
 
-Energy: :class:`ILFO`, :class:`GradAuto`. Accuracy attacks build on :class:`AccuracyAttack`.
+Energy: :class:`ILFO`, :class:`GradAuto`. Accuracy (on :class:`AccuracyAttack`, gradient mode
+fgm / lgm / lgm_st): :class:`FGSM`, :class:`IFGSM`, :class:`PGD`, :class:`MIFGSM`.
 ``ATTACKS`` maps the command-line names to the classes.
 """
 from .base import AccuracyAttack, Attack, AttackResult, EnergyAttack, Evaluation, Forward, GateUnits
+from .fgsm import FGSM
 from .gradauto import GradAuto
+from .ifgsm import IFGSM
 from .ilfo import ILFO
+from .mifgsm import MIFGSM
+from .pgd import PGD
 
-ATTACKS: dict[str, type[Attack]] = {"ilfo": ILFO, "gradauto": GradAuto}
+ATTACKS: dict[str, type[Attack]] = {"ilfo": ILFO, "gradauto": GradAuto,
+                                    "fgsm": FGSM, "ifgsm": IFGSM, "pgd": PGD, "mifgsm": MIFGSM}
 
-__all__ = ["ATTACKS", "AccuracyAttack", "Attack", "AttackResult", "EnergyAttack", "Evaluation", "Forward",
-           "GateUnits", "GradAuto", "ILFO"]
+__all__ = ["ATTACKS", "AccuracyAttack", "Attack", "AttackResult", "EnergyAttack", "Evaluation", "FGSM", "Forward",
+           "GateUnits", "GradAuto", "IFGSM", "ILFO", "MIFGSM", "PGD"]

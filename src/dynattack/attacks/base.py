@@ -288,6 +288,9 @@ class Attack:
     # The gradient forward runs on the input the attack would return. False (ILFO: it runs unclipped
     # inputs) disables per-iteration best-keeping and early stop: the final candidate is returned.
     evaluates_candidate = True
+    # False: each sample keeps its LAST evaluated input (the final iterate, or the one it stopped
+    # at) instead of its best; ``success`` then describes that input.
+    keep_best = True
     input_range: tuple[float, float] | None = (0.0, 1.0)  # None: no range check (e.g. points in metres)
 
     def __init__(
@@ -440,7 +443,8 @@ class Attack:
                     ev = self._evaluate(x_in.detach(), full)
                 if self.evaluates_candidate:
                     x_c = x_in.detach()
-                    best.offer(idx, x_c, ev, self._score(ev, lab(idx)), self.goal(ev, lab(idx)), it)
+                    best.offer(idx, x_c, ev, self._score(ev, lab(idx)), self.goal(ev, lab(idx)), it,
+                               force=not self.keep_best)
                     stop = self.should_stop(state, idx, ev, lab(idx))
                 else:
                     stop = torch.zeros(idx.numel(), dtype=torch.bool, device=dev)
@@ -467,7 +471,7 @@ class Attack:
                     x_c = self.candidate(state, idx)
                 ev = self._evaluate(x_c, full)
                 best.offer(idx, x_c, ev, self._score(ev, lab(idx)), self.goal(ev, lab(idx)), self.steps,
-                           force=not self.evaluates_candidate)
+                           force=not (self.evaluates_candidate and self.keep_best))
 
         f_full = torch.full((B,), full, dtype=torch.float64, device=dev)
         return AttackResult(
