@@ -145,7 +145,7 @@ def attack_cmd(
     victim: str = typer.Option(..., "--victim", help="victim name from `dynattack models`"),
     attack: str = typer.Option(..., "--attack", help="attack name (gradauto, ilfo, ...)"),
     out: Path = typer.Option(..., "--out", help="run directory (config.json, samples.jsonl, adv/, summary.json)"),
-    n: int = typer.Option(100, "--n", help="number of test images"),
+    n: int = typer.Option(100, "--n", "--images", help="number of test images (under torchrun say --images: it takes --n as its own)"),
     offset: int = typer.Option(0, "--offset", help="first test image"),
     batch_size: int = typer.Option(50, "--batch-size", help="images attacked together"),
     seed: int = typer.Option(0, "--seed", help="run seed (each batch gets its own derived seed)"),
@@ -158,6 +158,7 @@ def attack_cmd(
     shard: Optional[str] = typer.Option(None, "--shard", help="run only slice i/n of the batches"),
     latency_n: int = typer.Option(20, "--latency-n", help="samples timed at batch 1 (clean, adversarial, all on)"),
     weights: Optional[Path] = typer.Option(None, help="victim weights (safetensors or official .pth) instead of the zoo's"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="fashion-mnist, cifar10 or folder (default: the victim's)"),
     data: Optional[Path] = DataOpt,
     device: str = DeviceOpt,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars"),
@@ -173,7 +174,7 @@ def attack_cmd(
     summary = run_cli_attack(victim=victim, attack=attack, params=params, out=out, n=n, offset=offset,
                              batch_size=batch_size, seed=seed, resume=resume, shard=parse_shard(shard),
                              latency_n=latency_n, weights=weights, data=data, device=resolve_device(device),
-                             progress=progress)
+                             progress=progress, dataset=dataset)
     if summary is not None:
         _print_summary(summary)
         typer.echo(f"run directory: {out}")

@@ -386,12 +386,12 @@ def build_attack(name: str, model, params: dict, progress: bool = True):
         raise DynattackError(f"{name}: {exc}") from None
 
 
-def _load_victim_and_data(victim: str, weights, data, device: str):
+def _load_victim_and_data(victim: str, weights, data, device: str, dataset: str):
     from .data import load_dataset
-    from .models import create_model, get_spec
+    from .models import create_model
 
     model = create_model(victim, weights=weights, device=device)
-    images, labels = load_dataset(get_spec(victim).dataset, "test", data)[:2]
+    images, labels = load_dataset(dataset, None, data)[:2]
     if tuple(images.shape[1:]) != tuple(model.input_shape):
         raise DynattackError(f"{victim} takes inputs of shape {tuple(model.input_shape)}, the data has "
                              f"{tuple(images.shape[1:])} (wrong channel count or size)")
@@ -401,7 +401,7 @@ def _load_victim_and_data(victim: str, weights, data, device: str):
 
 
 def run_cli_attack(*, victim, attack, params, out, n, offset, batch_size, seed, resume, shard, latency_n,
-                   weights, data, device, progress) -> dict | None:
+                   weights, data, device, progress, dataset: str | None = None) -> dict | None:
     """`dynattack attack`: one process, one shard, or every rank of a torchrun job."""
     out = Path(out)
     if n <= 0 or offset < 0 or batch_size <= 0:
@@ -419,11 +419,14 @@ def run_cli_attack(*, victim, attack, params, out, n, offset, batch_size, seed, 
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         shard = (rank, world)
     try:
-        model, images, labels = _load_victim_and_data(victim, weights, data, device)
+        from .models import get_spec
+
+        dataset = dataset or get_spec(victim).dataset
+        model, images, labels = _load_victim_and_data(victim, weights, data, device, dataset)
         if offset + n > len(images):
             raise DynattackError(f"--offset {offset} + --n {n} exceeds the {len(images)} test images")
         atk = build_attack(attack, model, params, progress and rank == 0)
-        config = RunConfig(victim=victim, attack=attack, params=atk.params(), offset=offset, n=n,
+        config = RunConfig(victim=victim, attack=attack, params=atk.params(), dataset=dataset, offset=offset, n=n,
                            batch_size=batch_size, seed=seed, weights=str(weights) if weights else None, shard=shard)
         run_dir = out / "ranks" / f"rank{rank}" if world > 1 else out
         t0 = time.perf_counter()
@@ -446,5 +449,5 @@ def run_cli_attack(*, victim, attack, params, out, n, offset, batch_size, seed, 
 def merge_cli(shards, out, latency_n, data, device) -> dict:
     merge_runs(shards, out)
     config = load_config(Path(out))
-    model, images, _ = _load_victim_and_data(config["victim"], config.get("weights"), data, device)
+    model, images, _ = _load_victim_and_data(config["victim"], config.get("weights"), data, device, config["dataset"])
     return finish_run(model, out, images, latency_n, None)
