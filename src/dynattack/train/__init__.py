@@ -12,6 +12,12 @@ def _recipe(family: str):
     if family == "resnet":
         from .classifier import train_classifier
         return train_classifier
+    if family == "skipnet":
+        from .skipnet import train_skipnet
+        return train_skipnet
+    if family == "dynconv":
+        from .dynconv import train_dynconv
+        return train_dynconv
     raise DynattackError(f"no training recipe for family {family!r}")
 
 
