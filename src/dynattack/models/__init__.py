@@ -178,7 +178,7 @@ _FMNIST = {"in_channels": 1, "num_classes": 10, "input_size": 28, "mean": (0.286
 # Time budget (idle 2-core CPU, batch 128, 430 steps per epoch; ResNet-38 steps take ~0.69 s):
 # an SP step runs every block (the straight-through gradient needs the skipped blocks' outputs
 # too): ~0.76 s for SkipNet-38-RNN, ~1.0 s with FFGate-I (17 extra small conv pairs cost more
-# wall time than FLOPs); an HRL step really skips (~0.55 s). Hence 5 epochs RNN-SP (~27 min),
+# wall time than FLOPs); an HRL step really skips (~0.55 s). Hence 6 epochs RNN-SP (~33 min),
 # 4 epochs FF-SP (~30 min), 5 epochs HRL (~20 min), each plus 1-2 min of evaluation. Budgets:
 # RNN-SP keeps 80 % of the gated compute (~19 % of all FLOPs saved), HRL 64 % (~34 % saved).
 _SP = {"training": "sp", "lr": 0.1, "batch_size": 128, "alpha": 1.0, "target_kept": 0.8, "warmup_epochs": 0.25,

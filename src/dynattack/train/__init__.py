@@ -25,6 +25,10 @@ def train_model(name: str, seed: int = 0, out_dir: str | Path = WEIGHTS_DIR, dat
                 epochs: int | None = None, limit: int | None = None, log=print) -> Path:
     """Train victim NAME from scratch and write NAME.safetensors + NAME.json into ``out_dir``."""
     spec = get_spec(name)
+    extra = {}
+    if "init_from" in spec.train_args:  # a second stage (SkipNet HRL) starts from the first one's weights
+        first = Path(out_dir) / f"{spec.train_args['init_from']}.safetensors"
+        extra["sp_weights"] = first if first.exists() else None
     model, card = _recipe(spec.family)(spec, seed=seed, data_root=data_root, device=device, epochs=epochs,
-                                       limit=limit, log=log)
+                                       limit=limit, log=log, **extra)
     return save_victim(model, name, card, out_dir)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .common import augment, evaluate, fashion_mnist_splits, machine, seed_everything
+from .common import augment, evaluate, fashion_mnist_splits, seed_everything, victim_card
 
 
 def train_classifier(spec, seed: int = 0, data_root=None, device: str = "cpu", epochs: int | None = None,
@@ -43,21 +43,5 @@ def train_classifier(spec, seed: int = 0, data_root=None, device: str = "cpu", e
     val = evaluate(model, xv, yv)
     test = evaluate(model, xt, yt)
     log(f"{spec.name}: val acc {val['accuracy']:.4f}, test acc {test['accuracy']:.4f}, {seconds / 60:.1f} min")
-    card = {
-        "name": spec.name,
-        "family": spec.family,
-        "architecture": spec.description,
-        "dataset": "Fashion-MNIST (train: first 55000 training images; val: last 5000; test: 10000)",
-        "input_shape": list(model.input_shape),
-        "accuracy": test["accuracy"],
-        "val_accuracy": val["accuracy"],
-        "flops_full": test["flops_full"],
-        "flops_mean": test["flops_mean"],
-        "compute_kept_pct": test["compute_kept_pct"],
-        "train_command": f"dynattack train {spec.name} --seed {seed}",
-        "seed": seed,
-        "epochs": epochs,
-        "train_seconds": round(seconds, 1),
-        "machine": machine(),
-    }
+    card = victim_card(spec, model, seed=seed, epochs=epochs, seconds=seconds, val=val, test=test)
     return model, card

@@ -76,6 +76,31 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     }
 
 
+def victim_card(spec, model: nn.Module, *, seed: int, epochs, seconds: float, val: dict, test: dict, **extra) -> dict:
+    """The model card fields every recipe writes (figures from :func:`evaluate`), plus ``extra``."""
+    return {
+        "name": spec.name,
+        "family": spec.family,
+        "architecture": spec.description,
+        "dataset": "Fashion-MNIST (train: first 55000 training images; val: last 5000; test: 10000)",
+        "input_shape": list(model.input_shape),
+        "accuracy": test["accuracy"],
+        "val_accuracy": val["accuracy"],
+        "flops_full": test["flops_full"],
+        "flops_mean": test["flops_mean"],
+        "compute_kept_pct": test["compute_kept_pct"],
+        "compute_saved_pct": 100.0 - test["compute_kept_pct"],
+        "val_compute_kept_pct": val["compute_kept_pct"],
+        "train_command": f"dynattack train {spec.name} --seed {seed}",
+        "train_args": dict(spec.train_args),
+        "seed": seed,
+        "epochs": epochs,
+        "train_seconds": round(seconds, 1),
+        "machine": machine(),
+        **extra,
+    }
+
+
 def machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 

@@ -32,7 +32,7 @@ from .. import cost
 from ..errors import DynattackError
 from ..gates import Trace, gate_mode, iter_gates
 from ..models import load_weights, weights_path
-from .common import augment, evaluate, fashion_mnist_splits, machine, seed_everything
+from .common import augment, evaluate, fashion_mnist_splits, seed_everything, victim_card
 
 
 def train_skipnet(spec, seed: int = 0, data_root=None, device: str = "cpu", epochs: int | None = None,
@@ -74,29 +74,8 @@ def train_skipnet(spec, seed: int = 0, data_root=None, device: str = "cpu", epoc
     test = evaluate(model, xt, yt)
     log(f"{spec.name}: val acc {val['accuracy']:.4f}, test acc {test['accuracy']:.4f}, "
         f"compute kept {test['compute_kept_pct']:.1f} %, {seconds / 60:.1f} min")
-    card = {
-        "name": spec.name,
-        "family": spec.family,
-        "architecture": spec.description,
-        "gate": model.gate_type,
-        "training": training,
-        "dataset": "Fashion-MNIST (train: first 55000 training images; val: last 5000; test: 10000)",
-        "input_shape": list(model.input_shape),
-        "accuracy": test["accuracy"],
-        "val_accuracy": val["accuracy"],
-        "flops_full": test["flops_full"],
-        "flops_mean": test["flops_mean"],
-        "compute_kept_pct": test["compute_kept_pct"],
-        "compute_saved_pct": 100.0 - test["compute_kept_pct"],
-        "val_compute_kept_pct": val["compute_kept_pct"],
-        "train_command": f"dynattack train {spec.name} --seed {seed}",
-        "train_args": dict(args),
-        "seed": seed,
-        "epochs": epochs,
-        "train_seconds": round(seconds, 1),
-        "machine": machine(),
-        **extra,
-    }
+    card = victim_card(spec, model, seed=seed, epochs=epochs, seconds=seconds, val=val, test=test,
+                       gate=model.gate_type, training=training, **extra)
     if training == "hrl":
         card["init_from"] = args["init_from"]
     return model, card
