@@ -27,7 +27,7 @@ data:
 setup: $(STAMP) data
 
 demo: setup
-	$(VENV)/bin/dynattack eval resnet20-fmnist
+	$(VENV)/bin/dynattack demo
 
 test: setup
 	$(PY) -m pytest
