@@ -38,7 +38,7 @@ from .. import cost
 from ..errors import DynattackError
 from ..gates import Trace, gate_mode
 from ..models import read_state_dict, weights_path
-from .common import augment, evaluate, fashion_mnist_splits, machine, seed_everything
+from .common import augment, evaluate, fashion_mnist_splits, seed_everything, victim_card
 
 
 def bounds(progress: float, budget: float) -> tuple[float, float]:
@@ -90,11 +90,16 @@ def static_backbone(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def train_dynconv(spec, seed: int = 0, data_root=None, device: str = "cpu", epochs: int | None = None,
-                  limit: int | None = None, log=print, init_weights=None):
+                  limit: int | None = None, log=print, init_weights: str | Path | None = None,
+                  sp_weights: str | Path | None = None):
     """Train the DynConv victim ``spec`` (its ``train_args``: epochs, lr, batch_size, budget,
     sparsity_weight, anneal_frac, noise_off_frac, temperature, warmup_frac, init_from).
-    ``init_weights``: the static ResNet weights an ``init_from`` run starts from (default: the zoo's
-    ``<init_from>.safetensors``). Returns (model, card)."""
+
+    ``init_weights``: the static ResNet weights an ``init_from`` run starts from (default: the
+    zoo's ``<init_from>.safetensors``); ``sp_weights`` is the same, under the name
+    :func:`dynattack.train.train_model` passes a first stage's weights with. Returns (model, card).
+    """
+    init_weights = init_weights or sp_weights
     args = spec.train_args
     epochs = epochs or args["epochs"]
     budget = float(args.get("budget", 0.5))
@@ -159,29 +164,7 @@ def train_dynconv(spec, seed: int = 0, data_root=None, device: str = "cpu", epoc
     sparse_kept = 100.0 * (test["flops_mean"] - static) / (test["flops_full"] - static)
     log(f"{spec.name}: val acc {val['accuracy']:.4f}, test acc {test['accuracy']:.4f}, "
         f"compute kept {test['compute_kept_pct']:.1f} % (sparse convs {sparse_kept:.1f} %), {seconds / 60:.1f} min")
-    card = {
-        "name": spec.name,
-        "family": spec.family,
-        "architecture": spec.description,
-        "depth": model.depth,
-        "dataset": "Fashion-MNIST (train: first 55000 training images; val: last 5000; test: 10000)",
-        "input_shape": list(model.input_shape),
-        "accuracy": test["accuracy"],
-        "val_accuracy": val["accuracy"],
-        "flops_full": test["flops_full"],
-        "flops_static": static,
-        "flops_mean": test["flops_mean"],
-        "compute_kept_pct": test["compute_kept_pct"],
-        "compute_saved_pct": 100.0 - test["compute_kept_pct"],
-        "sparse_conv_kept_pct": sparse_kept,
-        "val_compute_kept_pct": val["compute_kept_pct"],
-        "budget": budget,
-        "train_command": f"dynattack train {spec.name} --seed {seed}",
-        "train_args": dict(args),
-        **({"init_from": args["init_from"]} if args.get("init_from") else {}),
-        "seed": seed,
-        "epochs": epochs,
-        "train_seconds": round(seconds, 1),
-        "machine": machine(),
-    }
+    card = victim_card(spec, model, seed=seed, epochs=epochs, seconds=seconds, val=val, test=test,
+                       depth=model.depth, flops_static=static, sparse_conv_kept_pct=sparse_kept, budget=budget,
+                       **({"init_from": args["init_from"]} if args.get("init_from") else {}))
     return model, card
