@@ -90,7 +90,7 @@ def _straight_through(gate: "Gate", logit: torch.Tensor) -> torch.Tensor:
     """Hard forward, gradient of the gate value (SkipNet's SP estimator)."""
     soft = gate.value_fn(logit)
     hard = (logit >= 0).to(logit.dtype)
-    return hard + soft - soft.detach()
+    return hard + (soft - soft.detach())  # brackets: the forward value is exactly 0 or 1
 
 
 class Gate(nn.Module):
@@ -136,7 +136,7 @@ class Gate(nn.Module):
             decision, mask = hard, torch.sigmoid(self.lam * logit)
         elif self.mode == "lgm_st":
             soft = torch.sigmoid(self.lam * logit)
-            decision, mask = hard, hard.to(logit.dtype) + soft - soft.detach()
+            decision, mask = hard, hard.to(logit.dtype) + (soft - soft.detach())
         else:  # train: the estimator may sample (REINFORCE, Gumbel); what it ran is the decision
             mask = self.train_estimator(self, logit)
             decision = mask.detach() >= 0.5
