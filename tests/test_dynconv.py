@@ -13,7 +13,6 @@ import copy
 import dataclasses
 import functools
 import json
-import math
 
 import pytest
 import torch
@@ -34,6 +33,7 @@ from dynattack.models.dynconv import (
     sparse_conv3x3,
     _channels_last_padded,
 )
+from model_helpers import RandomStateDict, randomise_bn
 
 FMNIST = {"in_channels": 1, "num_classes": 10, "input_size": 28, "mean": (0.2860,), "std": (0.3530,)}
 
@@ -44,17 +44,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def randomise_bn(model: nn.Module, gen: torch.Generator) -> None:
-    """Random BN affine and running statistics: features, hence masks, vary."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5, generator=gen)
-                m.bias.normal_(0.0, 0.2, generator=gen)
-                m.running_mean.normal_(0.0, 0.2, generator=gen)
-                m.running_var.uniform_(0.5, 1.5, generator=gen)
 
 
 def centre_masks(model, x: torch.Tensor) -> None:
@@ -202,19 +191,8 @@ def test_decisions_do_not_depend_on_the_rest_of_the_batch():
 def official_state_dict(n: int, seed: int = 0, in_channels: int = 3, num_classes: int = 10) -> dict:
     """Official DynConv ``ResNet_32x32(sparse=True)`` names and shapes, random values."""
     gen = torch.Generator().manual_seed(seed)
-    sd: dict[str, torch.Tensor] = {}
-
-    def conv(name, cin, cout, k, bias=False):
-        sd[name + ".weight"] = torch.randn(cout, cin, k, k, generator=gen) * math.sqrt(2.0 / (k * k * cout))
-        if bias:
-            sd[name + ".bias"] = torch.randn(cout, generator=gen) * 0.1
-
-    def bn(name, c):
-        sd[name + ".weight"] = torch.rand(c, generator=gen) + 0.5
-        sd[name + ".bias"] = torch.randn(c, generator=gen) * 0.2
-        sd[name + ".running_mean"] = torch.randn(c, generator=gen) * 0.2
-        sd[name + ".running_var"] = torch.rand(c, generator=gen) + 0.5
-        sd[name + ".num_batches_tracked"] = torch.tensor(1000)
+    sd = RandomStateDict(gen, batches_tracked=True)
+    conv, bn = sd.conv, sd.bn
 
     conv("conv1", in_channels, 16, 3)
     bn("bn1", 16)
@@ -235,7 +213,7 @@ def official_state_dict(n: int, seed: int = 0, in_channels: int = 3, num_classes
             cin = width
     sd["fc.weight"] = torch.randn(num_classes, 64, generator=gen) * 0.1
     sd["fc.bias"] = torch.zeros(num_classes)
-    return sd
+    return dict(sd)
 
 
 def official_forward(sd: dict, x: torch.Tensor, n: int):

@@ -11,7 +11,6 @@ import copy
 import dataclasses
 import functools
 import json
-import math
 
 import pytest
 import torch
@@ -24,23 +23,13 @@ from dynattack.errors import DynattackError
 from dynattack.gates import Trace, gate_mode, iter_gates
 from dynattack.models import get_spec, load_weights
 from dynattack.models.skipnet import CIFAR10_MEAN, CIFAR10_STD, skipnet_cifar, skipnet_imagenet
+from model_helpers import RandomStateDict, randomise_bn
 
 FMNIST = {"in_channels": 1, "num_classes": 10, "input_size": 28, "mean": (0.2860,), "std": (0.3530,)}
 GATES = ["rnn", "ffgate1", "ffgate2"]
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def randomise_bn(model: nn.Module, gen: torch.Generator) -> None:
-    """Random BN affine and running statistics: makes features, hence gate logits, vary."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5, generator=gen)
-                m.bias.normal_(0.0, 0.2, generator=gen)
-                m.running_mean.normal_(0.0, 0.2, generator=gen)
-                m.running_var.uniform_(0.5, 1.5, generator=gen)
 
 
 def gate_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -102,18 +91,8 @@ def official_state_dict(n: int, gate: str, seed: int = 0, in_channels: int = 3, 
     ``num_batches_tracked``. Blocks carry their shortcut as ``.downsample`` too; every block
     (the last included) has a gate."""
     gen = torch.Generator().manual_seed(seed)
-    sd: dict[str, torch.Tensor] = {}
-
-    def conv(name, cin, cout, k, bias=False):
-        sd[name + ".weight"] = torch.randn(cout, cin, k, k, generator=gen) * math.sqrt(2.0 / (k * k * cout))
-        if bias:
-            sd[name + ".bias"] = torch.randn(cout, generator=gen) * 0.1
-
-    def bn(name, c):
-        sd[name + ".weight"] = torch.rand(c, generator=gen) + 0.5
-        sd[name + ".bias"] = torch.randn(c, generator=gen) * 0.2
-        sd[name + ".running_mean"] = torch.randn(c, generator=gen) * 0.2
-        sd[name + ".running_var"] = torch.rand(c, generator=gen) + 0.5
+    sd = RandomStateDict(gen, batches_tracked=False)
+    conv, bn = sd.conv, sd.bn
 
     conv("conv1", in_channels, 16, 3)
     bn("bn1", 16)
@@ -152,7 +131,7 @@ def official_state_dict(n: int, gate: str, seed: int = 0, in_channels: int = 3, 
         sd["control.proj.bias"] = torch.zeros(1)
     sd["fc.weight"] = torch.randn(num_classes, 64, generator=gen) * 0.1
     sd["fc.bias"] = torch.zeros(num_classes)
-    return sd
+    return dict(sd)
 
 
 def official_forward(sd: dict, x: torch.Tensor, n: int, gate: str):
