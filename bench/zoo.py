@@ -33,8 +33,8 @@ def main() -> int:
         x, y = load_dataset(entry["dataset"], "test")[:2]
         res = evaluate(model, x, y)
         sub = x[: args.latency_n]
-        lat = cost.batch1_latency_ms(model, sub)
-        lat_full = cost.batch1_latency_ms(model, sub, force="on")
+        lat = cost.batch1_latency_ms(model, {"clean": (sub, None), "on": (sub, "on")})
+        lat, lat_full = lat["clean"], lat["on"]
         card = entry["card"] or {}
         for key in ("accuracy", "compute_kept_pct"):
             if abs(card.get(key, float("nan")) - res[key]) > 1e-6:

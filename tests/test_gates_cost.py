@@ -137,3 +137,12 @@ def test_forced_gates_run_everything():
     with force_gates(model, "off"), Trace() as trace, torch.no_grad():
         model(torch.zeros(3, 1, 8, 8))
     assert not trace.flat("decision").any()
+
+
+def test_batch1_latency_times_every_series_interleaved():
+    model = ToyGated().eval()
+    cost.calibrate(model, (1, 8, 8))
+    x = torch.rand(4, 1, 8, 8)
+    lat = cost.batch1_latency_ms(model, {"clean": (x, None), "on": (x, "on"), "off": (x, "off")}, repeats=1, warmup=1)
+    assert list(lat) == ["clean", "on", "off"]
+    assert all(v > 0 and v < float("inf") for v in lat.values())

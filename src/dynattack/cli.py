@@ -95,8 +95,9 @@ def eval_cmd(
             ("compute kept", f"{res['compute_kept_pct']:.1f} %")]
     if latency_n:
         sub = x[:latency_n].to(dev)
-        rows.append(("latency, batch 1", f"{cost.batch1_latency_ms(model, sub):.2f} ms"))
-        rows.append(("latency, batch 1, all gates on", f"{cost.batch1_latency_ms(model, sub, force='on'):.2f} ms"))
+        lat = cost.batch1_latency_ms(model, {"clean": (sub, None), "on": (sub, "on")})
+        rows.append(("latency, batch 1", f"{lat['clean']:.2f} ms"))
+        rows.append(("latency, batch 1, all gates on", f"{lat['on']:.2f} ms"))
     _print_table([("metric", "value")] + rows)
 
 
@@ -150,7 +151,8 @@ def attack_cmd(
     batch_size: int = typer.Option(50, "--batch-size", help="images attacked together"),
     seed: int = typer.Option(0, "--seed", help="run seed (each batch gets its own derived seed)"),
     param: list[str] = typer.Option([], "--param", help="attack parameter key=value (repeatable)"),
-    eps: Optional[str] = typer.Option(None, "--eps", help="Linf budget in [0, 1]; 8/255 notation accepted"),
+    eps: Optional[str] = typer.Option(None, "--eps", help="Linf budget: in [0, 1] for images (8/255 notation "
+                                                          "accepted), metres for point clouds"),
     grad: Optional[str] = typer.Option(None, "--grad", help="gradient mode of accuracy attacks: fgm, lgm, lgm_st"),
     lam: Optional[float] = typer.Option(None, "--lam", help="LGM sigmoid slope"),
     steps: Optional[int] = typer.Option(None, "--steps", help="attack iterations"),

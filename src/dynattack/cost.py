@@ -121,23 +121,35 @@ def recovery_aggregate(f_clean: torch.Tensor, f_adv: torch.Tensor, f_full: float
     return float((f_adv - f_clean).sum() / saved * 100.0)
 
 
-def batch1_latency_ms(model: nn.Module, images: torch.Tensor, force: str | None = None, repeats: int = 3) -> float:
+def batch1_latency_ms(model: nn.Module, series: dict[str, tuple[torch.Tensor, str | None]], repeats: int = 3,
+                      warmup: int = 5) -> dict[str, float]:
     """Median wall time (ms) of running each image alone through the model's real conditional
-    execution path (``forward_conditional``; plain forward for static models)."""
-    run = getattr(model, "forward_conditional", None) or model.forward
-    times = []
-    with torch.inference_mode(), force_gates(model, force) if force else contextlib.nullcontext():
-        run(images[:1])  # warm-up: allocator, kernel selection
-        for x in images.split(1):
-            best = float("inf")
-            for _ in range(repeats):
-                if x.is_cuda:
-                    torch.cuda.synchronize(x.device)
-                t0 = time.perf_counter()
-                run(x)
-                if x.is_cuda:
-                    torch.cuda.synchronize(x.device)
-                best = min(best, time.perf_counter() - t0)
-            times.append(best)
-    return float(torch.tensor(times).median()) * 1000.0
+    execution path (``forward_conditional``; plain forward for static models), per series.
 
+    ``series`` maps a name to ``(images, force)`` (``force``: None, or "on"/"off" for every gate
+    forced). Series are timed interleaved, image by image in turn (best of ``repeats`` each),
+    after ``warmup`` images of every series, so that caches, allocator and CPU frequency treat
+    them alike: timing one series after the other biased whichever ran first.
+    """
+    run = getattr(model, "forward_conditional", None) or model.forward
+
+    def once(x: torch.Tensor, force: str | None) -> float:
+        with force_gates(model, force) if force else contextlib.nullcontext():
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            t0 = time.perf_counter()
+            run(x)
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            return time.perf_counter() - t0
+
+    times: dict[str, list[float]] = {name: [] for name in series}
+    with torch.inference_mode():
+        for images, force in series.values():
+            for x in images[:warmup].split(1):
+                once(x, force)
+        n = min(len(images) for images, _ in series.values())
+        for i in range(n):
+            for name, (images, force) in series.items():
+                times[name].append(min(once(images[i:i + 1], force) for _ in range(repeats)))
+    return {name: float(torch.tensor(t).median()) * 1000.0 for name, t in times.items()}

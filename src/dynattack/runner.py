@@ -191,6 +191,9 @@ def _gate_on_fractions(trace: Trace, n: int) -> torch.Tensor:
 
 def summarize(records: list[dict], config: dict) -> dict:
     """summary.json from sample records (same records -> same summary, bit for bit)."""
+    if records and "inter_adv" in records[0]:
+        return summarize_points(records, config)
+
     def col(key):
         return torch.tensor([r[key] if r[key] is not None else math.nan for r in records], dtype=torch.float64)
 
@@ -273,7 +276,8 @@ def run_attack(model, attack, config: RunConfig, images: torch.Tensor, labels: t
             save_shard(run_dir / "history.safetensors", {**history, "index": torch.arange(start, stop)})
         save_shard(run_dir / "adv" / f"batch_{b:05d}.safetensors",
                    {"adv": res.adv, "clean": x, "index": torch.arange(start, stop)})
-        append_lines(run_dir / "samples.jsonl", per_sample_records(model, config, b, start, x, y, res))
+        records = point_sample_records if y.dim() > 1 else per_sample_records  # per-point labels: segmentation
+        append_lines(run_dir / "samples.jsonl", records(model, config, b, start, x, y, res))
     return read_records(run_dir)
 
 
@@ -312,9 +316,9 @@ def finish_run(model, run_dir: Path, images: torch.Tensor, latency_n: int = 20, 
         device = next(model.parameters()).device
         idx, adv = load_adversarial(run_dir, [r["index"] for r in records[:latency_n]])
         clean = images[idx].to(device)
-        summary["latency_clean_ms"] = cost.batch1_latency_ms(model, clean)
-        summary["latency_adv_ms"] = cost.batch1_latency_ms(model, adv.to(device))
-        summary["latency_full_ms"] = cost.batch1_latency_ms(model, clean, force="on")
+        lat = cost.batch1_latency_ms(model, {"clean": (clean, None), "adv": (adv.to(device), None), "full": (clean, "on")})
+        for key, ms in lat.items():
+            summary[f"latency_{key}_ms"] = ms
     summary["seconds"] = seconds
     device = next(model.parameters()).device
     with torch.no_grad(), Trace() as trace:
@@ -386,10 +390,13 @@ def build_attack(name: str, model, params: dict, progress: bool = True):
         raise DynattackError(f"{name}: {exc}") from None
 
 
-def _load_victim_and_data(victim: str, weights, data, device: str, dataset: str):
+def _load_victim_and_data(victim: str, weights, data, device: str, dataset: str, count: int | None = None):
     from .data import load_dataset
+    from .data.point_batch import POINT_DATASETS
     from .models import create_model
 
+    if dataset in POINT_DATASETS:  # the first `count` scenes (see the point-cloud section)
+        return _load_victim_and_points(victim, weights, device, dataset, count)
     model = create_model(victim, weights=weights, device=device)
     images, labels = load_dataset(dataset, None, data)[:2]
     if tuple(images.shape[1:]) != tuple(model.input_shape):
@@ -422,12 +429,13 @@ def run_cli_attack(*, victim, attack, params, out, n, offset, batch_size, seed, 
         from .models import get_spec
 
         dataset = dataset or get_spec(victim).dataset
-        model, images, labels = _load_victim_and_data(victim, weights, data, device, dataset)
+        model, images, labels = _load_victim_and_data(victim, weights, data, device, dataset, count=offset + n)
         if offset + n > len(images):
             raise DynattackError(f"--offset {offset} + --n {n} exceeds the {len(images)} test images")
         atk = build_attack(attack, model, params, progress and rank == 0)
         config = RunConfig(victim=victim, attack=attack, params=atk.params(), dataset=dataset, offset=offset, n=n,
-                           batch_size=batch_size, seed=seed, weights=str(weights) if weights else None, shard=shard)
+                           batch_size=batch_size, seed=seed, weights=str(weights) if weights else None, shard=shard,
+                           split=_split(dataset))
         run_dir = out / "ranks" / f"rank{rank}" if world > 1 else out
         t0 = time.perf_counter()
         run_attack(model, atk, config, images, labels, run_dir, resume=resume, progress=progress and rank == 0)
@@ -449,5 +457,84 @@ def run_cli_attack(*, victim, attack, params, out, n, offset, batch_size, seed, 
 def merge_cli(shards, out, latency_n, data, device) -> dict:
     merge_runs(shards, out)
     config = load_config(Path(out))
-    model, images, _ = _load_victim_and_data(config["victim"], config.get("weights"), data, device, config["dataset"])
+    model, images, _ = _load_victim_and_data(config["victim"], config.get("weights"), data, device, config["dataset"],
+                                             count=config["offset"] + config["n"])
     return finish_run(model, out, images, latency_n, None)
+
+
+# ----------------------------------------------------------------------------- point clouds
+# Segmentation runs on point batches (dynattack.data.point_batch): labels are per point, so a
+# record holds its scene's per-class point counts, from which summarize_points pools the mIoU of
+# the whole dataset (the paper's figure), and the scene's own mIoU.
+
+
+def _split(dataset: str) -> str:
+    from .data.point_batch import POINT_DATASETS, SYNTHETIC_EVAL_SPLIT
+
+    return SYNTHETIC_EVAL_SPLIT if dataset in POINT_DATASETS else "test"
+
+
+def _load_victim_and_points(victim: str, weights, device: str, dataset: str, count: int):
+    from .data.point_batch import load_point_dataset
+    from .models import create_model
+
+    model = create_model(victim, weights=weights, device=device)
+    batch = load_point_dataset(dataset, count)
+    return model, batch.points, batch.labels
+
+
+def _class_counts(pred: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """(S, k) per scene: correctly predicted, predicted and true points of each class."""
+    s = labels.shape[0]
+    keep = labels >= 0  # the ignored label is negative
+    scene = torch.arange(s, device=labels.device)[:, None].expand_as(labels)[keep]
+    conf = torch.bincount((scene * k + labels[keep]) * k + pred[keep], minlength=s * k * k).view(s, k, k)
+    return conf.diagonal(dim1=1, dim2=2), conf.sum(1), conf.sum(2)
+
+
+def point_sample_records(model, config: RunConfig, batch: int, start: int, points, labels, res) -> list[dict]:
+    """One record per scene: its mIoU, point accuracy and per-class counts, clean and adversarial."""
+    k = model.num_classes
+    inter_clean, pred_clean, true = _class_counts(res.clean_pred, labels, k)
+    inter_adv, pred_adv, _ = _class_counts(res.adv_pred, labels, k)
+    records = []
+    for j in range(len(points)):
+        n_true = int(true[j].sum())
+        records.append({
+            "index": start + j, "batch": batch, "batch_size": len(points), "points": n_true,
+            "miou_clean": metrics.miou(res.clean_pred[j], labels[j], k, ignore_index=-1)[0],
+            "miou_adv": metrics.miou(res.adv_pred[j], labels[j], k, ignore_index=-1)[0],
+            "acc_clean": int(inter_clean[j].sum()) / max(n_true, 1),
+            "acc_adv": int(inter_adv[j].sum()) / max(n_true, 1),
+            "flops_clean": float(res.flops_clean[j]), "flops_adv": float(res.flops_adv[j]),
+            "l2": float(res.l2[j]), "linf": float(res.linf[j]),
+            "iterations": int(res.iterations[j]), "success": bool(res.success[j]),
+            "inter_clean": inter_clean[j].tolist(), "pred_clean": pred_clean[j].tolist(),
+            "inter_adv": inter_adv[j].tolist(), "pred_adv": pred_adv[j].tolist(), "true": true[j].tolist(),
+            "classes": list(getattr(model, "class_names", range(k))),
+        })
+    return records
+
+
+def summarize_points(records: list[dict], config: dict) -> dict:
+    """summary.json of a segmentation run: mIoU and point accuracy over all points of all scenes
+    (per-class IoU under ``iou_per_class_*``); no PSNR, recovery or architecture change."""
+    def pooled(key):
+        return torch.tensor([r[key] for r in records], dtype=torch.float64).sum(0)
+
+    def col(key):
+        return torch.tensor([r[key] for r in records], dtype=torch.float64)
+
+    true, points = pooled("true"), sum(r["points"] for r in records)
+    summary = {k: None for k in SUMMARY_KEYS}
+    summary.update(victim=config["victim"], attack=config["attack"], n=len(records),
+                   flops_clean=float(col("flops_clean").mean()), flops_adv=float(col("flops_adv").mean()),
+                   linf=float(col("linf").mean()), l2=float(col("l2").mean()),
+                   iterations_mean=float(col("iterations").mean()))
+    for tag in ("clean", "adv"):
+        inter = pooled(f"inter_{tag}")
+        iou = inter / (pooled(f"pred_{tag}") + true - inter)  # 0 / 0 = nan: class absent everywhere
+        summary[f"miou_{tag}"] = float(iou[~torch.isnan(iou)].mean()) if (~torch.isnan(iou)).any() else None
+        summary[f"{tag}_acc"] = float(inter.sum()) / points if points else None
+        summary[f"iou_per_class_{tag}"] = {str(c): _json_value(float(v)) for c, v in zip(records[0]["classes"], iou)}
+    return {k: v if isinstance(v, dict) else _json_value(v) for k, v in summary.items()}

@@ -102,8 +102,12 @@ class GradAuto(EnergyAttack):
             one is undone and that sample's step size halved); with ``early_stop`` it stops after
             ten halvings.
         tanh_eps: ``2x - 1`` is clamped to ``+-(1 - tanh_eps)`` before ``atanh``. Exactness at
-            ``delta = 0`` does not depend on it; larger values let saturated pixels (exactly 0 or 1)
-            move sooner.
+            ``delta = 0`` does not depend on it. It sets how fast saturated pixels (exactly 0 or 1)
+            can move: ``dx'/d delta = (1 - t^2) / 2`` is ``tanh_eps (2 - tanh_eps) / 2`` there. With
+            1e-3 the black background of Fashion-MNIST (about half its pixels) stays frozen for
+            the first ~100 Adam steps; with 0.3 (our default) it moves at half the speed of
+            mid-grey pixels (on 20 test images: SkipNet-38-RNN-HRL recovery 53.5 -> 60.6 %, PSNR
+            17.6 -> 21.5 dB; RNN-SP 100 % either way, PSNR 20.5 -> 29.9 dB).
         seed, history, progress: see :class:`~dynattack.attacks.base.Attack`.
 
     The perturbation lives in tanh space as in Carlini-Wagner, but mapped so that ``delta = 0``
@@ -125,8 +129,8 @@ class GradAuto(EnergyAttack):
         rectify_magnitude: bool = True,
         rd_start: int = 0,
         early_stop: bool = True,
-        keep_optimising_distortion: bool = False,
-        tanh_eps: float = 1e-3,
+        keep_optimising_distortion: bool = True,
+        tanh_eps: float = 0.3,
         seed: int = 0,
         history: bool = False,
         progress: bool = True,
