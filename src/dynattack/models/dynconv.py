@@ -43,7 +43,8 @@ sparse as in the official release):
 Costs: a mask position costs its conv2 per-position FLOPs, a dilated position its conv1
 per-position FLOPs (each gate ``controls`` that conv; :func:`dynattack.cost.calibrate` splits the
 measured conv FLOPs over the positions). Static: stem, mask units (conv + fc), shortcut
-projections, classifier. :meth:`DynConvResNet.executed_flops` is the vectorised rule;
+projections, classifier. Executed FLOPs are the default vectorised rule of
+:func:`dynattack.cost.executed_flops` (active positions x unit cost + static);
 :meth:`DynConvResNet.forward_conditional` really runs conv1 / conv2 on the gathered active
 positions only (3x3 neighbourhoods gathered channels-last, one ``(n_active, 9 C_in) x
 (9 C_in, C_out)`` matmul per conv), so ``FlopCounterMode`` counts exactly the active work.
@@ -64,7 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import cost
-from ..gates import Gate, Trace, iter_gates
+from ..gates import Gate, iter_gates
 from .resnet import Normalize, downsample, stage_layout
 
 # The official CIFAR release's input statistics (its data loaders normalise with these).
@@ -186,54 +187,68 @@ class DynConvBlock(nn.Module):
     def masks(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mask, dilated mask), each ``(B, H_out, W_out)`` in the current gate mode."""
         q = self.masker(x)
-        m = self.mask_gate(q)
-        g = self.mask_gate
-        base = m
-        if g.mode == "hard" and g.force is None:
-            # forward: the hard mask exactly; gradient of the trace's dilated value: box(sigmoid(q))
-            soft = g.value_fn(q)
-            base = m + (soft - soft.detach())
-        d = self.dilate_gate(box3x3(base) - 0.5)
-        return m, d
+        return masks_from_logit(self.mask_gate, self.dilate_gate, q)
 
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.downsample is None else self.downsample(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The masked batch path: dense convolutions multiplied by the masks."""
-        m, d = self.masks(x)
-        h = F.relu(self.bn1(self.conv1(x))) * d[:, None]
-        h = self.bn2(self.conv2(h)) * m[:, None]
-        return F.relu(h + self.shortcut(x))
+        return masked_residual(self, x, *self.masks(x))
 
     def forward_conditional(self, x: torch.Tensor) -> torch.Tensor:
-        """Real execution: conv1 on the dilated positions, conv2 on the mask positions, gathered.
+        """Real execution: conv1 on the dilated positions, conv2 on the mask positions, gathered."""
+        return sparse_residual(self, x, *self.masks(x))
 
-        Uses the BN running statistics (eval). Equals :meth:`forward` in every mode whose forward
-        masks are hard (hard, lgm_st, train, forced gates); the mask values (1, or a
-        straight-through 1) multiply the gathered rows.
-        """
-        m, d = self.masks(x)
-        s = self.shortcut(x)
-        b, cout, h, w = s.shape
-        on_m, on_d = m.detach() >= 0.5, d.detach() >= 0.5
-        if not bool(on_m.any()):  # nothing kept: no conv runs (the dilated mask is empty too)
-            return F.relu(s)
-        if bool(on_m.all()):  # everything kept: the dense block, same FLOPs, no gathering
-            return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))) * d[:, None])) * m[:, None] + s)
-        hp, wp = h + 2, w + 2
-        if bool(on_d.all()):  # every position: the dense conv is the same FLOPs, and faster
-            h1_rows = _channels_last_padded(F.relu(self.bn1(self.conv1(x))) * d[:, None])
-        else:
-            flat_d = on_d.reshape(-1).nonzero().squeeze(1)
-            rows = sparse_conv3x3(_channels_last_padded(x), self.conv1, flat_d, h, w, x.shape[2] + 2, x.shape[3] + 2)
-            rows = F.relu(_rows_bn(self.bn1, rows)) * d.reshape(-1)[flat_d, None]
-            centre = (flat_d // (h * w) * hp + flat_d % (h * w) // w + 1) * wp + flat_d % w + 1
-            h1_rows = rows.new_zeros(b * hp * wp, cout).index_copy(0, centre, rows)
-        flat_m = on_m.reshape(-1).nonzero().squeeze(1)
-        res = _rows_bn(self.bn2, sparse_conv3x3(h1_rows, self.conv2, flat_m, h, w, hp, wp))
-        out = s.permute(0, 2, 3, 1).reshape(-1, cout).index_add(0, flat_m, res * m.reshape(-1)[flat_m, None])
-        return F.relu(out).view(b, h, w, cout).permute(0, 3, 1, 2)
+
+def masks_from_logit(mask_gate: Gate, dilate_gate: Gate, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, dilated mask) of a per-position mask logit ``q`` (see the module docstring)."""
+    m = mask_gate(q)
+    base = m
+    if mask_gate.mode == "hard" and mask_gate.force is None:
+        # forward: the hard mask exactly; gradient of the trace's dilated value: box(G(q))
+        soft = mask_gate.value_fn(q)
+        base = m + (soft - soft.detach())
+    return m, dilate_gate(box3x3(base) - 0.5)
+
+
+def masked_residual(block: nn.Module, x: torch.Tensor, m: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``relu(s + m * bn2(conv2(relu(bn1(conv1(x))) * d)))`` with dense convolutions, for a
+    ``block`` with ``conv1``, ``bn1``, ``conv2``, ``bn2`` and ``shortcut``; ``m``, ``d``: mask and
+    dilated mask ``(B, H_out, W_out)``."""
+    h = F.relu(block.bn1(block.conv1(x))) * d[:, None]
+    h = block.bn2(block.conv2(h)) * m[:, None]
+    return F.relu(h + block.shortcut(x))
+
+
+def sparse_residual(block: nn.Module, x: torch.Tensor, m: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """:func:`masked_residual` really sparse: conv1 on the dilated positions, conv2 on the mask
+    positions, gathered.
+
+    Uses the BN running statistics (eval). Equals :func:`masked_residual` whenever the forward
+    masks are hard (hard, lgm_st, train, forced gates); the mask values (1, or a straight-through
+    1) multiply the gathered rows.
+    """
+    s = block.shortcut(x)
+    b, cout, h, w = s.shape
+    on_m, on_d = m.detach() >= 0.5, d.detach() >= 0.5
+    if not bool(on_m.any()):  # nothing kept: no conv runs (the dilated mask is empty too)
+        return F.relu(s)
+    if bool(on_m.all()):  # everything kept: the dense block, same FLOPs, no gathering
+        return F.relu(block.bn2(block.conv2(F.relu(block.bn1(block.conv1(x))) * d[:, None])) * m[:, None] + s)
+    hp, wp = h + 2, w + 2
+    if bool(on_d.all()):  # every position: the dense conv is the same FLOPs, and faster
+        h1_rows = _channels_last_padded(F.relu(block.bn1(block.conv1(x))) * d[:, None])
+    else:
+        flat_d = on_d.reshape(-1).nonzero().squeeze(1)
+        rows = sparse_conv3x3(_channels_last_padded(x), block.conv1, flat_d, h, w, x.shape[2] + 2, x.shape[3] + 2)
+        rows = F.relu(_rows_bn(block.bn1, rows)) * d.reshape(-1)[flat_d, None]
+        centre = (flat_d // (h * w) * hp + flat_d % (h * w) // w + 1) * wp + flat_d % w + 1
+        h1_rows = rows.new_zeros(b * hp * wp, cout).index_copy(0, centre, rows)
+    flat_m = on_m.reshape(-1).nonzero().squeeze(1)
+    res = _rows_bn(block.bn2, sparse_conv3x3(h1_rows, block.conv2, flat_m, h, w, hp, wp))
+    out = s.permute(0, 2, 3, 1).reshape(-1, cout).index_add(0, flat_m, res * m.reshape(-1)[flat_m, None])
+    return F.relu(out).view(b, h, w, cout).permute(0, 3, 1, 2)
 
 
 class DynConvResNet(nn.Module):
@@ -317,21 +332,6 @@ class DynConvResNet(nn.Module):
         return self._head(x)
 
     # -- cost ------------------------------------------------------------------------------
-
-    def executed_flops(self, trace: Trace) -> torch.Tensor:
-        """``(B,)`` float64 FLOPs each sample ran: static + per block (active dilated positions x
-        conv1 FLOPs per position + active mask positions x conv2 FLOPs per position)."""
-        prof = cost.profile(self)
-        total = None
-        for event in trace:
-            if event.unit_cost is None:
-                raise ValueError(f"gate {event.name} has no unit cost: calibrate the model first")
-            active = event.decision.reshape(event.decision.shape[0], -1).sum(1, dtype=torch.float64)
-            part = active * event.unit_cost.to(active.device)
-            total = part if total is None else total + part
-        if total is None:
-            raise ValueError("the trace holds no gate event: run the forward inside `with Trace()`")
-        return total + prof.static
 
     def block_costs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per block, FLOPs per position of conv1 (dilated mask) and of conv2 (mask), float64,
