@@ -18,6 +18,15 @@ def _recipe(family: str):
     if family == "dynconv":
         from .dynconv import train_dynconv
         return train_dynconv
+    if family == "sparse_unet":
+        from .sparse_unet import train_sparse_unet
+        return train_sparse_unet
+    if family == "manidp":
+        from .manidp import train_manidp
+        return train_manidp
+    if family == "sact":
+        from .sact import train_sact
+        return train_sact
     raise DynattackError(f"no training recipe for family {family!r}")
 
 
