@@ -170,7 +170,7 @@ def test_gradauto_early_stop_skips_finished_samples():
     cost.calibrate(model, model.input_shape)  # its forward is not the attack's
     rows = []
     hook = model.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
-    res = GradAuto(model, progress=False)(x)
+    res = GradAuto(model, keep_optimising_distortion=False, progress=False)(x)
     hook.remove()
     # clean + one per iteration, the last one finding the last sample done (no final forward)
     assert len(rows) == 1 + int(res.iterations.max()) + 1
@@ -195,7 +195,7 @@ def test_backward_passes_per_iteration(monkeypatch):
 def test_keep_optimising_distortion_lowers_distortion_and_stays_on():
     model = ToyGated()
     x = toy_images(model, 4)
-    plain = GradAuto(model, progress=False)(x)
+    plain = GradAuto(model, keep_optimising_distortion=False, progress=False)(x)
     polished = GradAuto(model, keep_optimising_distortion=True, progress=False)(x)
     assert (polished.recovery == 100).all()
     assert all(d.all() for d in decisions(model, polished.adv).values())
