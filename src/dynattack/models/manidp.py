@@ -33,7 +33,7 @@ vectorised. Static: stem, mask blocks (their FCs), shortcut projections, classif
 each sample (batch 1 per sample), so ``FlopCounterMode`` counts exactly that work.
 
 Names: ``conv1``/``bn1``/``layer{k}.{i}``/``fc`` as the static ResNet maps onto them (see
-:func:`dynattack.train.dynconv.static_backbone`), mask blocks ``mb1``/``mb2`` with ``fc1``,
+:func:`dynattack.train.common.static_backbone`), mask blocks ``mb1``/``mb2`` with ``fc1``,
 ``fc2`` and ``thre`` as in the official code. No trained ManiDP model was released, so there is
 no official checkpoint layout to load.
 """

@@ -64,7 +64,7 @@ latency, not a network anyone trained; ``off`` keeps the first unit of every sta
 
 Module names follow DynConv's (``conv1``, ``bn1``, ``layer{k}.{i}.conv1/bn1/conv2/bn2``,
 ``layer{k}.{i}.downsample``, ``fc``) plus ``layer{k}.{i}.halting.conv/fc``, so a static
-ResNet's weights map onto the backbone (:func:`dynattack.train.dynconv.static_backbone`).
+ResNet's weights map onto the backbone (:func:`dynattack.train.common.static_backbone`).
 """
 from __future__ import annotations
 

@@ -16,7 +16,9 @@ from torch import nn
 
 from .. import cost
 from ..data import load_fashion_mnist
+from ..errors import DynattackError
 from ..gates import Trace
+from ..models import read_state_dict
 
 VAL_SIZE = 5000  # the last 5000 training images: held out for model and attack selection
 
@@ -118,3 +120,34 @@ def save_victim(model: nn.Module, name: str, card: dict, out_dir: str | Path) ->
     tmp.write_text(json.dumps(card, indent=2) + "\n")
     os.replace(tmp, out / f"{name}.json")
     return out / f"{name}.safetensors"
+
+
+def static_backbone(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A static :class:`~dynattack.models.resnet.ResNet` state_dict of the same depth mapped onto
+    the ``layer{k}.{i}`` backbone of the DynConv / SACT / ManiDP families (``blocks.{j}`` ->
+    ``layer{k}.{i}``, ``shortcuts.{j}`` -> ``layer{k}.{i}.downsample``)."""
+    n = len(model.layer1)
+    out = {}
+    for key, value in state.items():
+        head, _, rest = key.partition(".")
+        if head in ("blocks", "shortcuts"):
+            j, _, rest = rest.partition(".")
+            block = f"layer{int(j) // n + 1}.{int(j) % n}"
+            key = f"{block}.{rest}" if head == "blocks" else f"{block}.downsample.{rest}"
+        out[key] = value
+    return out
+
+
+def load_static_backbone(model, source: Path, name: str, init_from: str, own: tuple[str, ...]) -> None:
+    """Load the static ResNet checkpoint ``source`` into ``model``'s backbone (an ``init_from``
+    run); only keys containing one of ``own`` (the family's fresh gating modules) may be missing."""
+    if not source.exists():
+        raise DynattackError(f"{name} starts from static weights, none at {source}: train {init_from} first")
+    try:
+        missing, unexpected = model.load_state_dict(static_backbone(model, read_state_dict(source)), strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise DynattackError(f"{source} does not fit {name}'s backbone ({str(exc).splitlines()[-1].strip()})") from None
+    foreign = [k for k in missing if not any(tag in k for tag in own)]
+    if unexpected or foreign:
+        raise DynattackError(f"{source} is not a static ResNet of depth {model.depth}: "
+                             f"unexpected {unexpected[:4]}, missing {foreign[:4]}")

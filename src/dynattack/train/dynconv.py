@@ -35,10 +35,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import cost
-from ..errors import DynattackError
 from ..gates import Trace, gate_mode
-from ..models import read_state_dict, weights_path
-from .common import augment, evaluate, fashion_mnist_splits, seed_everything, victim_card
+from ..models import weights_path
+from .common import (
+    augment,
+    evaluate,
+    fashion_mnist_splits,
+    load_static_backbone,
+    seed_everything,
+    static_backbone,  # noqa: F401 - re-exported (tests, docs)
+    victim_card,
+)
 
 
 def bounds(progress: float, budget: float) -> tuple[float, float]:
@@ -73,22 +80,6 @@ def sparsity_loss(trace: Trace, conv1_cost: torch.Tensor, conv2_cost: torch.Tens
     return (frac - budget) ** 2 + block_loss, frac, per_block
 
 
-def static_backbone(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A static :class:`~dynattack.models.resnet.ResNet` state_dict of the same depth mapped onto
-    the DynConv backbone (``blocks.{j}`` -> ``layer{k}.{i}``, ``shortcuts.{j}`` ->
-    ``layer{k}.{i}.downsample``); the mask units are not in it."""
-    n = len(model.layer1)
-    out = {}
-    for key, value in state.items():
-        head, _, rest = key.partition(".")
-        if head in ("blocks", "shortcuts"):
-            j, _, rest = rest.partition(".")
-            block = f"layer{int(j) // n + 1}.{int(j) % n}"
-            key = f"{block}.{rest}" if head == "blocks" else f"{block}.downsample.{rest}"
-        out[key] = value
-    return out
-
-
 def train_dynconv(spec, seed: int = 0, data_root=None, device: str = "cpu", epochs: int | None = None,
                   limit: int | None = None, log=print, init_weights: str | Path | None = None,
                   sp_weights: str | Path | None = None):
@@ -111,16 +102,7 @@ def train_dynconv(spec, seed: int = 0, data_root=None, device: str = "cpu", epoc
     model = spec.build()
     if args.get("init_from"):
         source = Path(init_weights) if init_weights else weights_path(args["init_from"])
-        if not source.exists():
-            raise DynattackError(f"{spec.name} starts from static weights, none at {source}: "
-                                 f"train {args['init_from']} first")
-        try:
-            missing, unexpected = model.load_state_dict(static_backbone(model, read_state_dict(source)), strict=False)
-        except RuntimeError as exc:  # shape mismatches
-            raise DynattackError(f"{source} does not fit {spec.name}'s backbone ({str(exc).splitlines()[-1].strip()})") from None
-        if unexpected or any(".masker." not in k for k in missing):
-            raise DynattackError(f"{source} is not a static ResNet of depth {model.depth}: "
-                                 f"unexpected {unexpected[:4]}, missing {[k for k in missing if '.masker.' not in k][:4]}")
+        load_static_backbone(model, source, spec.name, args["init_from"], own=(".masker.",))
     model.to(device)
     cost.calibrate(model, model.input_shape)
     c1, c2 = (c.to(device, torch.float32) for c in model.block_costs())

@@ -48,11 +48,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import cost
-from ..errors import DynattackError
 from ..gates import Trace, gate_mode
-from ..models import read_state_dict, weights_path
-from .common import augment, evaluate, fashion_mnist_splits, seed_everything, victim_card
-from .dynconv import static_backbone
+from ..models import weights_path
+from .common import augment, evaluate, fashion_mnist_splits, load_static_backbone, seed_everything, victim_card
 
 
 def keep_ratio(progress: float, target: float, anneal_frac: float) -> float:
@@ -86,16 +84,7 @@ def manifold_loss(saliency: torch.Tensor, feature: torch.Tensor) -> torch.Tensor
 
 
 def _load_static(model, source: Path, name: str, init_from: str) -> None:
-    if not source.exists():
-        raise DynattackError(f"{name} starts from static weights, none at {source}: train {init_from} first")
-    try:
-        missing, unexpected = model.load_state_dict(static_backbone(model, read_state_dict(source)), strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        raise DynattackError(f"{source} does not fit {name}'s backbone ({str(exc).splitlines()[-1].strip()})") from None
-    own = [k for k in missing if ".mb1." not in k and ".mb2." not in k]
-    if unexpected or own:
-        raise DynattackError(f"{source} is not a static ResNet of depth {model.depth}: "
-                             f"unexpected {unexpected[:4]}, missing {own[:4]}")
+    load_static_backbone(model, source, name, init_from, own=(".mb1.", ".mb2."))
     with torch.no_grad():
         for mb in model.mask_blocks:
             mb.fc2.weight.zero_()  # every saliency 1: the all-on network is the static one

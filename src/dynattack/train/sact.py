@@ -27,25 +27,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import cost
-from ..errors import DynattackError
 from ..gates import gate_mode
-from ..models import read_state_dict, weights_path
-from .common import augment, evaluate, fashion_mnist_splits, seed_everything, victim_card
-from .dynconv import static_backbone
-
-
-def load_static_backbone(model, source: Path, name: str, init_from: str) -> None:
-    """Load a static ResNet checkpoint into the SACT backbone; only halting units may be missing."""
-    if not source.exists():
-        raise DynattackError(f"{name} starts from static weights, none at {source}: train {init_from} first")
-    try:
-        missing, unexpected = model.load_state_dict(static_backbone(model, read_state_dict(source)), strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        raise DynattackError(f"{source} does not fit {name}'s backbone ({str(exc).splitlines()[-1].strip()})") from None
-    foreign = [k for k in missing if ".halting." not in k]
-    if unexpected or foreign:
-        raise DynattackError(f"{source} is not a static ResNet of depth {model.depth}: "
-                             f"unexpected {unexpected[:4]}, missing {foreign[:4]}")
+from ..models import weights_path
+from .common import augment, evaluate, fashion_mnist_splits, load_static_backbone, seed_everything, victim_card
 
 
 @torch.no_grad()
@@ -77,7 +61,7 @@ def train_sact(spec, seed: int = 0, data_root=None, device: str = "cpu", epochs:
     model = spec.build()
     if args.get("init_from"):
         source = Path(init_weights) if init_weights else weights_path(args["init_from"])
-        load_static_backbone(model, source, spec.name, args["init_from"])
+        load_static_backbone(model, source, spec.name, args["init_from"], own=(".halting.",))
     model.to(device)
     cost.calibrate(model, model.input_shape)
 
