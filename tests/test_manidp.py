@@ -242,9 +242,10 @@ def test_training_pieces():
 
     assert keep_ratio(0.0, 0.6, 0.5) == 1.0 and keep_ratio(0.25, 0.6, 0.5) == pytest.approx(0.8)
     assert keep_ratio(0.5, 0.6, 0.5) == pytest.approx(0.6) and keep_ratio(0.9, 0.6, 0.5) == pytest.approx(0.6)
-    mean = torch.tensor([0.5, 0.0, 2.0, 1.0, 0.0])
-    assert threshold(mean, 0.5) == 0.5  # k = ceil(2.5) = 3: the third largest
-    assert threshold(mean, 1.0) == torch.finfo(torch.float32).tiny  # zero-saliency channels never run
+    sal = torch.tensor([[0.5, 0.0, 2.0], [1.0, 0.0, 3.0]])  # (samples, channels): pairs are ranked
+    assert threshold(sal, 0.5) == 1.0  # k = ceil(0.5 * 6) = 3: the third largest pair
+    assert float((sal >= threshold(sal, 0.5)).double().mean()) == 0.5  # keep = fraction of pairs kept
+    assert threshold(sal, 1.0) == torch.finfo(torch.float32).tiny  # zero-saliency channels never run
     w = complexity_weights(torch.tensor([0.0, 0.5, 1.0, 3.0]), loss_ref=2.0, thre_cls=0.5, gamma=2.0)
     torch.testing.assert_close(w, torch.tensor([1.0, 0.25, 0.0, 0.0]))
     gen = torch.Generator().manual_seed(0)

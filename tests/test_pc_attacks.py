@@ -1,8 +1,11 @@
 """Point-cloud attacks: the coordinate I-FGSM (fgm / lgm / lgm_st) and the random baseline keep
 every iterate in the eps box and touch only the coordinates of real points; I-FGSM returns each
 scene's lowest-mIoU iterate on the hard network; per-scene mIoU vs metrics.miou; the random
-baseline is seeded; the attack files import no model family; `dynattack attack` on the 3D victim
-writes miou_clean / miou_adv equal to metrics.miou recomputed from the saved clouds."""
+baseline is seeded; the energy attacks over voxel occupancy (pc-gradauto, pc-ilfo) stay in the
+box, map delta = 0 to the clean cloud, raise the executed FLOPs (counted independently from the
+returned clouds); the attack files import no model family; `dynattack attack` on the 3D victim
+writes miou_clean / miou_adv equal to metrics.miou recomputed from the saved clouds, and FLOPs
+figures recomputed from them."""
 from __future__ import annotations
 
 import ast
@@ -14,13 +17,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from dynattack import metrics
-from dynattack.attacks import ATTACKS, PointIFGSM, PointRandom
+from dynattack import cost, metrics
+from dynattack.attacks import ATTACKS, PointGradAuto, PointIFGSM, PointILFO, PointRandom
 from dynattack.attacks.pc_ifgsm import scene_miou
 from dynattack.cli import app
 from dynattack.data import point_batch
 from dynattack.data.points import PointCloud, synthetic_scenes
 from dynattack.errors import DynattackError
+from dynattack.gates import Trace, force_gates
 from dynattack.models import get_spec
 from dynattack.models.sparse_unet import SparseUNet
 
@@ -89,6 +93,35 @@ def test_random_baseline_is_uniform_in_the_box_and_seeded():
     assert a.params == {"eps": EPS, "seed": 5}
 
 
+def hard_flops(net, points):
+    with torch.no_grad(), Trace() as trace:
+        net(points)
+    return net.executed_flops(trace)
+
+
+@pytest.mark.parametrize("cls", [PointGradAuto, PointILFO])
+def test_energy_attacks_stay_in_the_box_and_raise_the_flops(cls):
+    net, data = victim(), clouds()
+    x = data.points
+    atk = cls(net, eps=EPS, steps=20, progress=False)
+    state = atk.init_state(x, None, None)
+    assert torch.equal(atk.candidate(state, torch.arange(2)), x)  # delta = 0 is the clean cloud
+    res = atk(x, data.labels)
+    d = (res.adv - x)[..., :3]
+    assert d.abs().max() <= EPS * (1 + 1e-6) and d.abs().max() > EPS / 4
+    assert torch.equal(res.adv[..., 3:], x[..., 3:]) and torch.equal(res.adv[1, 45:], x[1, 45:])  # padding stays
+    # FLOPs recounted from the clouds alone (hard network; full = every candidate voxel forced on)
+    torch.testing.assert_close(res.flops_clean, hard_flops(net, x), rtol=0, atol=0)
+    torch.testing.assert_close(res.flops_adv, hard_flops(net, res.adv), rtol=0, atol=0)
+    with force_gates(net, "on"):
+        torch.testing.assert_close(res.flops_full, hard_flops(net, x), rtol=0, atol=0)
+    assert torch.equal(res.adv_pred, net(res.adv).argmax(1))
+    if cls is PointGradAuto:  # best-so-far by FLOPs; the baseline returns its last iterate
+        assert (res.flops_adv > 1.1 * res.flops_clean).all()
+        assert "tanh_eps" not in res.params and res.params["eps"] == EPS
+    assert (res.flops_adv > res.flops_clean).any()
+
+
 def test_scene_miou_matches_metrics_miou():
     g = torch.Generator().manual_seed(0)
     pred, labels = torch.randint(0, 5, (3, 50), generator=g), torch.randint(-1, 5, (3, 50), generator=g)
@@ -111,7 +144,7 @@ def test_bad_inputs_and_registry():
 
 def test_attack_files_import_no_model_family():
     root = Path(__file__).resolve().parents[1] / "src" / "dynattack" / "attacks"
-    for name in ("pc_ifgsm.py", "pc_random.py"):
+    for name in ("pc_ifgsm.py", "pc_random.py", "pc_gradauto.py", "pc_ilfo.py"):
         tree = ast.parse((root / name).read_text())
         imported = [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
         imported += [a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names]
@@ -147,3 +180,30 @@ def test_cli_attack_writes_miou(tmp_path, monkeypatch, grad):
     assert summary["miou_adv"] <= summary["miou_clean"]
     assert 0 < summary["linf"] <= 0.02 and summary["n"] == 2 and summary["psnr_db"] is None
     assert set(summary["iou_per_class_adv"]) == set(model.class_names)
+
+
+def test_cli_energy_attack_on_points_reports_flops(tmp_path, monkeypatch):
+    monkeypatch.setattr(point_batch, "synthetic_scenes",
+                        lambda split, n, seed=0: synthetic_scenes(split, n, seed, density=40.0))
+    torch.manual_seed(0)
+    weights = tmp_path / "random.safetensors"
+    save_file({k: v.contiguous() for k, v in get_spec("unet3d-rooms").build().state_dict().items()}, str(weights))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["attack", "--victim", "unet3d-rooms", "--attack", "pc-gradauto", "--eps", "0.02",
+                                      "--out", str(out), "--n", "2", "--batch-size", "2", "--steps", "3",
+                                      "--latency-n", "1", "--no-progress", "--weights", str(weights)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    shard = load_file(str(out / "adv" / "batch_00000.safetensors"))
+    model = get_spec("unet3d-rooms").build()
+    model.load_state_dict(load_file(str(weights)))
+    model.eval()
+    clean, adv = hard_flops(model, shard["clean"]), hard_flops(model, shard["adv"])
+    assert summary["flops_clean"] == pytest.approx(float(clean.mean()))
+    assert summary["flops_adv"] == pytest.approx(float(adv.mean()))
+    assert summary["flops_increase_pct"] == pytest.approx(float((adv.sum() / clean.sum() - 1) * 100))
+    with force_gates(model, "on"):
+        full = hard_flops(model, shard["clean"])
+    assert summary["recovery_pct"] == pytest.approx(cost.recovery_aggregate(clean, adv, full))
+    assert summary["flops_increase_pct"] > 0 and summary["latency_adv_ms"] > 0
+    assert 0 < summary["linf"] <= 0.02 * (1 + 1e-6) and summary["miou_adv"] is not None

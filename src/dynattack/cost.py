@@ -102,6 +102,17 @@ def full_flops(model: nn.Module) -> float:
     return profile(model).full
 
 
+def full_flops_per_sample(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` float64 FLOPs of each input with every gate on. For victims whose full network
+    depends on the input (``model.input_dependent_full``: a point cloud's candidate voxels) the
+    batch runs forced on and its trace is counted; the others read their cost profile."""
+    if getattr(model, "input_dependent_full", False):
+        with force_gates(model, "on"), torch.no_grad(), Trace() as trace:
+            model(x)
+        return executed_flops(model, trace).to(x.device, torch.float64)
+    return torch.full((x.shape[0],), profile(model, tuple(x.shape[1:])).full, dtype=torch.float64, device=x.device)
+
+
 def recovery_per_sample(f_clean: torch.Tensor, f_adv: torch.Tensor, f_full: float | torch.Tensor) -> torch.Tensor:
     """Percent of the FLOPs the network saved on each clean sample that the attack won back;
     NaN where the clean sample already ran everything (nothing to recover)."""

@@ -506,8 +506,8 @@ def point_sample_records(model, config: RunConfig, batch: int, start: int, point
             "miou_adv": metrics.miou(res.adv_pred[j], labels[j], k, ignore_index=-1)[0],
             "acc_clean": int(inter_clean[j].sum()) / max(n_true, 1),
             "acc_adv": int(inter_adv[j].sum()) / max(n_true, 1),
-            "flops_clean": float(res.flops_clean[j]), "flops_adv": float(res.flops_adv[j]),
-            "l2": float(res.l2[j]), "linf": float(res.linf[j]),
+            "flops_full": float(res.flops_full[j]), "flops_clean": float(res.flops_clean[j]),
+            "flops_adv": float(res.flops_adv[j]), "recovery": float(res.recovery[j]), "l2": float(res.l2[j]), "linf": float(res.linf[j]),
             "iterations": int(res.iterations[j]), "success": bool(res.success[j]),
             "inter_clean": inter_clean[j].tolist(), "pred_clean": pred_clean[j].tolist(),
             "inter_adv": inter_adv[j].tolist(), "pred_adv": pred_adv[j].tolist(), "true": true[j].tolist(),
@@ -518,7 +518,9 @@ def point_sample_records(model, config: RunConfig, batch: int, start: int, point
 
 def summarize_points(records: list[dict], config: dict) -> dict:
     """summary.json of a segmentation run: mIoU and point accuracy over all points of all scenes
-    (per-class IoU under ``iou_per_class_*``); no PSNR, recovery or architecture change."""
+    (per-class IoU under ``iou_per_class_*``), executed FLOPs with ``flops_increase_pct`` (mean
+    adversarial over mean clean) and the recovery against each clean scene's candidate voxels
+    all on (can exceed 100 %: points may leave the candidates); no PSNR or architecture change."""
     def pooled(key):
         return torch.tensor([r[key] for r in records], dtype=torch.float64).sum(0)
 
@@ -527,8 +529,14 @@ def summarize_points(records: list[dict], config: dict) -> dict:
 
     true, points = pooled("true"), sum(r["points"] for r in records)
     summary = {k: None for k in SUMMARY_KEYS}
+    f_full, f_clean, f_adv = col("flops_full"), col("flops_clean"), col("flops_adv")
+    per = cost.recovery_per_sample(f_clean, f_adv, f_full)
+    per = per[~torch.isnan(per)]
     summary.update(victim=config["victim"], attack=config["attack"], n=len(records),
-                   flops_clean=float(col("flops_clean").mean()), flops_adv=float(col("flops_adv").mean()),
+                   flops_full=float(f_full.mean()), flops_clean=float(f_clean.mean()), flops_adv=float(f_adv.mean()),
+                   flops_increase_pct=float((f_adv.sum() / f_clean.sum() - 1) * 100),
+                   recovery_pct=cost.recovery_aggregate(f_clean, f_adv, f_full),
+                   recovery_pct_mean=float(per.mean()) if len(per) else None,
                    linf=float(col("linf").mean()), l2=float(col("l2").mean()),
                    iterations_mean=float(col("iterations").mean()))
     for tag in ("clean", "adv"):

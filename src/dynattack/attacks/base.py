@@ -63,6 +63,25 @@ def check_bool(owner: str, name: str, value) -> bool:
     return value
 
 
+def check_points(owner: str, model: nn.Module, points, labels, labels_required: bool):
+    """Validate a point batch ``(B, N, 3 + F + 1)`` and optional per-point labels ``(B, N)``
+    (the classifiers' ``(B,)`` check does not apply); returns detached copies on the model's device."""
+    if not isinstance(points, torch.Tensor) or not points.is_floating_point() or points.dim() != 3 \
+            or points.shape[2] < 4:
+        raise DynattackError(f"{owner}: points must be a floating tensor (B, N, 3 + features + 1)")
+    if points.shape[0] == 0 or not torch.isfinite(points).all():
+        raise DynattackError(f"{owner}: points must be a non-empty batch of finite values")
+    if labels is None:
+        if labels_required:
+            raise DynattackError(f"{owner}: this attack needs per-point labels: atk(points, labels)")
+    elif not isinstance(labels, torch.Tensor) or labels.shape != points.shape[:2] or labels.is_floating_point():
+        raise DynattackError(f"{owner}: labels must be an integer tensor (B, N) = {tuple(points.shape[:2])}")
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else points.device
+    labels = None if labels is None else labels.detach().to(device).long().clone()
+    return points.detach().to(device).clone(), labels
+
+
 # --------------------------------------------------------------------------- gates as flat units
 
 
@@ -417,6 +436,7 @@ class Attack:
             self.generator = torch.Generator(device=dev).manual_seed(self.seed)
             clean = self._evaluate(images, full)
             self.check_victim(clean)
+            f_full = cost.full_flops_per_sample(self.model, images)
             state = self.init_state(images, labels, clean)
             best = _Best(images, clean, self._score(clean, labels), self.goal(clean, labels))
             active = torch.ones(B, dtype=torch.bool, device=dev)
@@ -473,7 +493,6 @@ class Attack:
                 best.offer(idx, x_c, ev, self._score(ev, lab(idx)), self.goal(ev, lab(idx)), self.steps,
                            force=not (self.evaluates_candidate and self.keep_best))
 
-        f_full = torch.full((B,), full, dtype=torch.float64, device=dev)
         return AttackResult(
             adv=best.adv,
             flops_clean=clean.flops,

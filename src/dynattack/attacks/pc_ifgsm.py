@@ -28,8 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import DynattackError
-from .base import AccuracyAttack, Evaluation, check_positive, per_sample_view, vjp
+from .base import AccuracyAttack, Evaluation, check_points, check_positive, per_sample_view, vjp
 
 IGNORE = -1  # label of unlabelled points and padding rows
 
@@ -45,6 +44,20 @@ def scene_miou(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> to
     inter = conf.diagonal(dim1=1, dim2=2)
     union = conf.sum(1) + conf.sum(2) - inter
     return torch.nanmean(inter / union, dim=1)  # 0 / 0: a class absent from the scene
+
+
+def project_to_box(xyz: torch.Tensor, points: torch.Tensor, eps: float) -> torch.Tensor:
+    """``points`` with coordinates ``xyz`` pulled into the box of half-width ``eps`` around the
+    original ones.
+
+    Exact: computed in float64, rounded to the input dtype, and where that rounding left the box
+    (by one ulp) moved one representable value back, so ``|adv - x| <= eps`` holds with no
+    tolerance."""
+    x = points[..., :3]
+    x64 = x.double()
+    out = (x64 + (xyz.double() - x64).clamp(-eps, eps)).to(x.dtype)
+    out = torch.where((out.double() - x64).abs() > eps, torch.nextafter(out, x), out)
+    return torch.cat([out, points[..., 3:]], dim=-1)
 
 
 class PointIFGSM(AccuracyAttack):
@@ -77,16 +90,7 @@ class PointIFGSM(AccuracyAttack):
 
     # ---- pieces ------------------------------------------------------------------------------
     def project(self, xyz: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-        """``points`` with coordinates ``xyz`` pulled into the eps box around the original ones.
-
-        Exact: computed in float64, rounded to the input dtype, and where that rounding left the
-        box (by one ulp) moved one representable value back, so ``|adv - x| <= eps`` holds with no
-        tolerance."""
-        x = points[..., :3]
-        x64 = x.double()
-        out = (x64 + (xyz.double() - x64).clamp(-self.eps, self.eps)).to(x.dtype)
-        out = torch.where((out.double() - x64).abs() > self.eps, torch.nextafter(out, x), out)
-        return torch.cat([out, points[..., 3:]], dim=-1)
+        return project_to_box(xyz, points, self.eps)
 
     @staticmethod
     def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -96,18 +100,7 @@ class PointIFGSM(AccuracyAttack):
 
     # ---- hooks -------------------------------------------------------------------------------
     def _check_inputs(self, points, labels):
-        # Per-point labels (B, N): the base checks (B,) labels of classifiers.
-        owner = type(self).__name__
-        if not isinstance(points, torch.Tensor) or not points.is_floating_point() or points.dim() != 3 \
-                or points.shape[2] < 4:
-            raise DynattackError(f"{owner}: points must be a floating tensor (B, N, 3 + features + 1)")
-        if points.shape[0] == 0 or not torch.isfinite(points).all():
-            raise DynattackError(f"{owner}: points must be a non-empty batch of finite values")
-        if not isinstance(labels, torch.Tensor) or labels.shape != points.shape[:2] or labels.is_floating_point():
-            raise DynattackError(f"{owner}: labels must be an integer tensor (B, N) = {tuple(points.shape[:2])}")
-        param = next(self.model.parameters(), None)
-        device = param.device if param is not None else points.device
-        return points.detach().to(device).clone(), labels.detach().to(device).long().clone()
+        return check_points(type(self).__name__, self.model, points, labels, labels_required=True)
 
     def init_state(self, images, labels, clean):
         return {"x": images, "labels": labels, "adv": images.clone()}

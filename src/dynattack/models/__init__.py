@@ -286,9 +286,9 @@ register(ModelSpec(
     build=lambda: _manidp.manidp_cifar(20, **_FMNIST),
     description="ManiDP-style dynamic channel pruning on ResNet-20 (2 saliency masks per block): lasso with "
                 "instance complexity, manifold alignment, keep ratio annealed to 0.65, from the static ResNet-20",
-    train_args={"init_from": "resnet20-fmnist", "epochs": 7, "lr": 0.02, "batch_size": 128, "target_keep": 0.65,
-                "lambda_lasso": 0.1, "lambda_graph": 10.0, "thre_cls": 0.5, "gamma": 1.0, "anneal_frac": 0.6,
-                "freeze_frac": 0.85, "thre_updates": 40},
+    train_args={"init_from": "resnet20-fmnist", "epochs": 6, "lr": 0.02, "batch_size": 128, "target_keep": 0.65,
+                "lambda_lasso": 0.1, "lambda_graph": 1.0, "thre_cls": 0.5, "gamma": 1.0, "anneal_frac": 0.6,
+                "freeze_frac": 0.85, "thre_updates": 100},
 ))
 
 

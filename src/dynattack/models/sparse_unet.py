@@ -236,6 +236,7 @@ class SparseUNet(nn.Module):
     """See the module docstring. ``reach`` (metres, default ``voxel_size / 4``) bounds the candidates."""
 
     family = "sparse_unet"
+    input_dependent_full = True  # the full network is the scene's candidate voxels (cost.full_flops_per_sample)
 
     def __init__(self, num_classes: int = len(SYNTHETIC_CLASSES), in_features: int = 3,
                  widths: tuple[int, ...] = (16, 32, 64, 128), voxel_size: float = 0.02, relation: str = "sigmoid",

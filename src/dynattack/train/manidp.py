@@ -3,7 +3,8 @@ compressed to a few epochs).
 
 - Loss = cross-entropy + ``lambda_lasso`` * lasso + ``lambda_graph`` * manifold term:
 
-  * **lasso** on the saliencies, weighted per sample by its **instance complexity** (official):
+  * **lasso** on the saliencies (averaged over the mask blocks: summed over 18 of them at
+    weight 0.1 it drove the saliencies to 0, 13 % of the FLOPs kept), weighted per sample by its **instance complexity** (official):
     a sample whose cross-entropy is below ``thre_cls`` times the running mean loss gets weight
     ``((thre_cls * L - ce) / (thre_cls * L)) ** gamma``, harder samples 0, so easy inputs are
     pushed towards fewer channels and hard ones keep theirs. ``L`` is an exponential moving
@@ -16,10 +17,14 @@ compressed to a few epochs).
     detached (the saliencies align to the feature manifold, not the other way round): starting
     from a trained backbone, the term's gradient into the features (weight 10, 18 masks)
     outweighed the cross-entropy's ~80 to 1 and wrecked the backbone within two steps (measured:
-    cross-entropy 0.22 -> 2.3 -> diverged); detached, training is stable.
+    cross-entropy 0.22 -> 2.3 -> diverged). Detached at weight 10 it still drove the saliencies
+    (which scale the channels) far enough to bring the cross-entropy to chance within 150 steps
+    of a full-data run; our weight is 1 (one epoch on 25 600 images: test accuracy 89.9 % at
+    weight 1, 90.1 % without the term, both 53 % of the FLOPs kept).
 
-- Keep ratio: each mask block's threshold is set to the k-th largest saliency averaged over the
-  batches since the last update, ``k = ceil(keep * C)``, with ``keep`` cosine-annealed from 1 to
+- Keep ratio: each mask block's threshold is set so that a fraction ``keep`` of the (sample,
+  channel) saliencies of the batches since the last update reach it (the official rule ranks the
+  channels' average saliencies instead, which kept far fewer pairs here: see :func:`threshold`), with ``keep`` cosine-annealed from 1 to
   ``target_keep`` over the first ``anneal_frac`` of the steps (the official anneals over all
   epochs and updates after an epoch; here ``thre_updates`` updates spread over the run), then
   held; the thresholds are frozen for the last ``1 - freeze_frac`` of the steps so the network
@@ -60,11 +65,18 @@ def keep_ratio(progress: float, target: float, anneal_frac: float) -> float:
     return target + (1.0 - target) * (1.0 + math.cos(math.pi * p)) / 2.0
 
 
-def threshold(mean_saliency: torch.Tensor, keep: float) -> float:
-    """The k-th largest average saliency, ``k = ceil(keep * C)``, at least the smallest positive
-    float (official ``torch.topk(...)[0][-1]``)."""
-    k = min(max(math.ceil(keep * mean_saliency.numel()), 1), mean_saliency.numel())
-    kth = float(torch.topk(mean_saliency, k).values[-1])
+def threshold(saliencies: torch.Tensor, keep: float) -> float:
+    """The saliency that ``keep`` of the (sample, channel) pairs of ``saliencies`` ``(n, C)``
+    reach (the k-th largest, ``k = ceil(keep * n * C)``), at least the smallest positive float.
+
+    The official rule takes the k-th largest of the channels' *average* saliencies
+    (``torch.topk(mean, ceil(keep * C))[0][-1]``); per sample, saliencies spread around their
+    averages, so that rule keeps far fewer pairs than ``keep`` says (measured here: 39 % of the
+    FLOPs at keep 1.0 after one update, then a diverging loss). Counting pairs makes ``keep`` the
+    fraction of channels the batch actually runs, still per input."""
+    flat = saliencies.flatten()
+    k = min(max(math.ceil(keep * flat.numel()), 1), flat.numel())
+    kth = float(torch.topk(flat, k).values[-1])
     return max(kth, torch.finfo(torch.float32).tiny)
 
 
@@ -106,7 +118,7 @@ def train_manidp(spec, seed: int = 0, data_root=None, device: str = "cpu", epoch
     epochs = epochs or args["epochs"]
     target = float(args.get("target_keep", 0.65))
     lambda_lasso = float(args.get("lambda_lasso", 0.1))
-    lambda_graph = float(args.get("lambda_graph", 10.0))
+    lambda_graph = float(args.get("lambda_graph", 1.0))
     thre_cls, gamma = float(args.get("thre_cls", 0.5)), float(args.get("gamma", 1.0))
     anneal_frac = float(args.get("anneal_frac", 0.6))
     gen = seed_everything(seed)
@@ -130,8 +142,8 @@ def train_manidp(spec, seed: int = 0, data_root=None, device: str = "cpu", epoch
     opt = torch.optim.SGD([{"params": main, "weight_decay": args.get("weight_decay", 5e-4)},
                            {"params": branch, "weight_decay": 0.0}], lr=args["lr"], momentum=0.9, nesterov=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    sums = [torch.zeros(mb.fc2.out_features, dtype=torch.float64, device=device) for mb in masks]
-    seen, loss_ref, keep, step = 0, None, 1.0, 0
+    window: list[list[torch.Tensor]] = [[] for _ in masks]  # saliencies since the last threshold update
+    loss_ref, keep, step = None, 1.0, 0
     t0 = time.time()
     with gate_mode(model, "train"), tqdm(total=steps, desc=f"train {spec.name}", unit="step") as bar:
         for epoch in range(epochs):
@@ -144,7 +156,7 @@ def train_manidp(spec, seed: int = 0, data_root=None, device: str = "cpu", epoch
                 ce = F.cross_entropy(logits, yb, reduction="none")
                 loss_ref = ce.mean().item() if loss_ref is None else loss_ref
                 w = complexity_weights(ce, loss_ref, thre_cls, gamma)
-                lasso = sum((s.mean(1) * w).mean() for s, _ in record)
+                lasso = sum((s.mean(1) * w).mean() for s, _ in record) / len(record)
                 graph = sum(manifold_loss(s, f) for s, f in record)
                 loss = ce.mean() + lambda_lasso * lasso + lambda_graph * graph
                 opt.zero_grad(set_to_none=True)
@@ -155,16 +167,14 @@ def train_manidp(spec, seed: int = 0, data_root=None, device: str = "cpu", epoch
                 opt.step()
                 sched.step()
                 loss_ref = 0.98 * loss_ref + 0.02 * ce.mean().item()
-                for total, (s, _) in zip(sums, record):
-                    total += s.detach().sum(0, dtype=torch.float64)
-                seen += len(idx)
+                for kept_s, (s, _) in zip(window, record):
+                    kept_s.append(s.detach())
                 step += 1
                 if step % every == 0 and step <= freeze_step:
                     keep = keep_ratio(step / steps, target, anneal_frac)
-                    for mb, total in zip(masks, sums):
-                        mb.thre.fill_(threshold(total / seen, keep))
-                        total.zero_()
-                    seen = 0
+                    for mb, kept_s in zip(masks, window):
+                        mb.thre.fill_(threshold(torch.cat(kept_s), keep))
+                        kept_s.clear()
                 with torch.no_grad():
                     kept = float(cost.executed_flops(model, trace).mean()) / prof.full
                 bar.update()
