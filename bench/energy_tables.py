@@ -1,6 +1,7 @@
 """The GradAuto paper's experiments on the shipped victims (Fashion-MNIST test images).
 
     .venv/bin/python bench/energy_tables.py [--n 100] [--steps 300] [--tables 1,2,3,speed]
+                                            [--victims a,b] [--out NAME.md]
 
 - Table 1: ILFO vs GradAuto recovery (and PSNR) on every shipped gated victim;
 - Table 2: ablation on SkipNet-HRL: ILFO (the paper's baseline), GradAuto without either
@@ -57,12 +58,15 @@ def attack_all(atk, x, batch_size):
     }
 
 
-def gated_victims():
-    out = []
-    for m in list_models():
-        if m["shipped"] and m["family"] != "resnet":
-            out.append(m["name"])
-    return out
+def gated_victims(only: str = ""):
+    """Shipped gated image victims (all, or those named in the comma list ``only``)."""
+    names = [m["name"] for m in list_models()
+             if m["shipped"] and m["family"] != "resnet" and m["dataset"] == "fashion-mnist"]
+    wanted = [n for n in only.split(",") if n]
+    unknown = sorted(set(wanted) - set(names))
+    if unknown:
+        raise SystemExit(f"not shipped gated image victims: {', '.join(unknown)}")
+    return [n for n in names if not wanted or n in wanted]
 
 
 def fmt(v, spec=".1f"):
@@ -74,7 +78,7 @@ def table1(x, args, lines):
               "| victim | compute kept (clean) | ILFO recovery | ILFO PSNR | GradAuto recovery | GradAuto PSNR "
               "| GradAuto: samples all-on | median iterations to all-on |",
               "|---|---|---|---|---|---|---|---|"]
-    for name in gated_victims():
+    for name in gated_victims(args.victims):
         model = create_model(name)
         ilfo = attack_all(ILFO(model, steps=args.steps, progress=False), x, args.batch_size)
         ga = attack_all(GradAuto(model, steps=args.steps, progress=False), x, args.batch_size)
@@ -119,7 +123,7 @@ def ceiling(x, args, lines):
     proven bound: GradAuto, with its distortion term, can do better."""
     lines += ["### Reference: unconstrained push of every gate logit (no distortion limit)", "",
               "| victim | recovery | samples all-on | PSNR |", "|---|---|---|---|"]
-    for name in gated_victims():
+    for name in gated_victims(args.victims):
         model = create_model(name).eval()
         clean_f, adv_f, full_f, on, psnr = [], [], [], [], []
         for xb in x.split(args.batch_size):
@@ -190,6 +194,9 @@ def main():
     ap.add_argument("--victim", default="skipnet38-rnn-hrl", help="victim of tables 2, 3 and speed")
     ap.add_argument("--tables", default="1,2,3,speed", help="comma list of 1,2,3,speed,ceiling")
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--victims", default="", help="comma list of victims for table 1 / ceiling (default: all)")
+    ap.add_argument("--out", default="", help="output file name in bench/results (default: energy_tables.md, "
+                    "energy_ceiling.md for --tables ceiling)")
     args = ap.parse_args()
     x, _ = load_fashion_mnist("test")
     x = x[: args.n]
@@ -201,7 +208,7 @@ def main():
         if key in todo:
             fn(x, args, lines)
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / ("energy_tables.md" if todo != ["ceiling"] else "energy_ceiling.md")
+    out = RESULTS / (args.out or ("energy_tables.md" if todo != ["ceiling"] else "energy_ceiling.md"))
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
 
