@@ -207,3 +207,25 @@ def test_cli_energy_attack_on_points_reports_flops(tmp_path, monkeypatch):
     assert summary["recovery_pct"] == pytest.approx(cost.recovery_aggregate(clean, adv, full))
     assert summary["flops_increase_pct"] > 0 and summary["latency_adv_ms"] > 0
     assert 0 < summary["linf"] <= 0.02 * (1 + 1e-6) and summary["miou_adv"] is not None
+
+
+def test_cli_eval_of_a_point_victim(tmp_path, monkeypatch):
+    from dynattack.data import points as points_module
+
+    small = lambda split, n, seed=0: synthetic_scenes(split, n, seed, density=40.0)  # noqa: E731
+    monkeypatch.setattr(points_module, "synthetic_scenes", small)
+    torch.manual_seed(0)
+    weights = tmp_path / "random.safetensors"
+    model = get_spec("unet3d-rooms").build().eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    result = CliRunner().invoke(app, ["eval", "unet3d-rooms", "--weights", str(weights), "--n", "2", "--latency-n", "1"])
+    assert result.exit_code == 0, result.output
+    data = point_batch.pack_clouds(small("test", 2))
+    preds, labels = [], []
+    with torch.no_grad():
+        for b in range(2):
+            real = data.points[b, :, -1] > 0.5
+            preds.append(model(data.points[b:b + 1, real]).argmax(1)[0])
+            labels.append(data.labels[b, real])
+    expected = 100 * metrics.miou(preds, labels, 8, ignore_index=-1)[0]
+    assert f"{expected:.2f} %" in result.output and "every candidate on" in result.output

@@ -71,7 +71,7 @@ def train_cmd(
 @app.command("eval")
 def eval_cmd(
     name: str = typer.Argument(..., help="victim name from `dynattack models`"),
-    n: int = typer.Option(10000, "--n", help="number of test images"),
+    n: int = typer.Option(10000, "--n", help="number of test images (point victims: test rooms, at most 8 by default)"),
     latency_n: int = typer.Option(50, "--latency-n", help="images timed one at a time for batch-1 latency"),
     weights: Optional[Path] = typer.Option(None, help="load these weights (safetensors or official .pth) instead"),
     data: Optional[Path] = DataOpt,
@@ -87,6 +87,9 @@ def eval_cmd(
         raise DynattackError("--n must be > 0 and --latency-n >= 0")
     dev = resolve_device(device)
     model = create_model(name, weights=weights, device=dev)
+    if get_spec(name).dataset == "synthetic-rooms":
+        _eval_points(model, name, min(n, 8), latency_n)
+        return
     x, y = load_dataset(get_spec(name).dataset, "test", data)[:2]
     x, y = x[:n], y[:n]
     res = evaluate(model, x, y)
@@ -98,6 +101,37 @@ def eval_cmd(
         lat = cost.batch1_latency_ms(model, {"clean": (sub, None), "on": (sub, "on")})
         rows.append(("latency, batch 1", f"{lat['clean']:.2f} ms"))
         rows.append(("latency, batch 1, all gates on", f"{lat['on']:.2f} ms"))
+    _print_table([("metric", "value")] + rows)
+
+
+def _eval_points(model, name: str, rooms: int, latency_n: int) -> None:
+    """`dynattack eval` of a point-cloud victim on the first ``rooms`` synthetic test rooms."""
+    import torch
+
+    from . import cost
+    from .data.point_batch import pack_clouds
+    from .data.points import synthetic_scenes
+    from .gates import Trace, force_gates
+    from .train.sparse_unet import DATA_SEED, evaluate_scenes
+
+    clouds = synthetic_scenes("test", rooms, DATA_SEED)
+    res = evaluate_scenes(model, clouds)
+    dev = next(model.parameters()).device
+    full = []
+    for cloud in clouds:
+        with force_gates(model, "on"), torch.no_grad(), Trace() as trace:
+            model(pack_clouds([cloud]).points.to(dev))
+        full.append(float(model.executed_flops(trace)[0]))
+    rows = [("victim", name), ("rooms", f"{rooms} (synthetic test split)"), ("mIoU", f"{100 * res['miou']:.2f} %"),
+            ("point accuracy", f"{100 * res['point_accuracy']:.2f} %"),
+            ("FLOPs (mean)", f"{res['flops_mean'] / 1e9:.2f} G"),
+            ("FLOPs (every candidate voxel on)", f"{sum(full) / len(full) / 1e9:.2f} G")]
+    rows += [(f"IoU {cls}", "-" if v is None else f"{100 * v:.1f} %") for cls, v in res["per_class_iou"].items()]
+    if latency_n:
+        pts = pack_clouds(clouds[:1]).points.to(dev)
+        lat = cost.batch1_latency_ms(model, {"clean": (pts, None), "on": (pts, "on")}, warmup=1)
+        rows.append(("latency, one room", f"{lat['clean']:.0f} ms"))
+        rows.append(("latency, one room, every candidate on", f"{lat['on']:.0f} ms"))
     _print_table([("metric", "value")] + rows)
 
 
