@@ -86,6 +86,17 @@ class Trace:
         return torch.cat([getattr(e, attr).reshape(e.logit.shape[0], -1) for e in self.events], dim=1)
 
 
+def tracing() -> bool:
+    """Whether a :class:`Trace` is recording (a gate may skip building its event otherwise)."""
+    return bool(_active_traces.get())
+
+
+def record(event: GateEvent) -> None:
+    """Append ``event`` to every recording trace (gates with their own event type call this)."""
+    for trace in _active_traces.get():
+        trace.events.append(event)
+
+
 def _straight_through(gate: "Gate", logit: torch.Tensor) -> torch.Tensor:
     """Hard forward, gradient of the gate value (SkipNet's SP estimator)."""
     soft = gate.value_fn(logit)
@@ -140,9 +151,8 @@ class Gate(nn.Module):
         else:  # train: the estimator may sample (REINFORCE, Gumbel); what it ran is the decision
             mask = self.train_estimator(self, logit)
             decision = mask.detach() >= 0.5
-        traces = _active_traces.get()
-        if traces:
-            event = GateEvent(
+        if tracing():
+            record(GateEvent(
                 name=self.name or f"gate@{id(self):x}",
                 logit=logit,
                 value=self.value_fn(logit),
@@ -150,9 +160,7 @@ class Gate(nn.Module):
                 decision=decision.detach(),
                 mask=mask,
                 unit_cost=self.unit_cost,
-            )
-            for trace in traces:
-                trace.events.append(event)
+            ))
         return mask
 
 

@@ -298,7 +298,8 @@ from . import sparse_unet as _sparse_unet  # noqa: E402
 # 58k-97k points (rooms average ~75k). Wall time on the shared machine was many times longer
 # (another job held both cores), so CPU time is the figure to trust; torch's two threads only
 # shorten it. Generating a room takes ~35 ms. 180 rooms x 4 epochs = 720 steps ~ 26 min, plus
-# generation and evaluation of 8 + 8 rooms (~1 min): ~27 minutes.
+# generation and evaluation of 8 + 8 rooms (~1 min): ~27 minutes estimated. Shipped run
+# (`dynattack train unet3d-rooms --seed 0`): 19.9 min here, test mIoU 89.6 %, val 86.9 %.
 register(ModelSpec(
     name="unet3d-rooms",
     family="sparse_unet",

@@ -76,7 +76,7 @@ from torch import nn
 
 from ..data.points import SYNTHETIC_CLASSES
 from ..errors import DynattackError
-from ..gates import Gate, GateEvent, Trace, _active_traces
+from ..gates import Gate, GateEvent, Trace, record, tracing
 from ..sparse import (
     CoordinateSet,
     SparseBatchNorm,
@@ -150,8 +150,7 @@ class OccupancyGate(Gate):
             mask = soft
         else:
             mask = _st(decision.to(logit.dtype), soft)
-        traces = _active_traces.get()
-        if traces:
+        if tracing():
             counts = torch.bincount(batch, minlength=size)
             width = max(int(counts.max()), 1)
             pos = torch.arange(len(batch), device=batch.device) - (torch.cumsum(counts, 0) - counts)[batch]
@@ -160,14 +159,12 @@ class OccupancyGate(Gate):
                 return values.new_full((size, width), fill).index_put((batch, pos), values)
 
             padded = pad(logit, PAD_LOGIT)
-            event = VoxelEvent(
+            record(VoxelEvent(
                 name=self.name, logit=padded, value=self.value_fn(padded), tau=self.tau,
                 decision=pad(decision, False), mask=pad(mask, 0.0),
                 unit_cost=torch.tensor(self.voxel_flops + self.pair_flops, dtype=torch.float64),
                 pairs=pad(pairs, 0.0), voxel_flops=self.voxel_flops, pair_flops=self.pair_flops,
-            )
-            for trace in traces:
-                trace.events.append(event)
+            ))
         return mask
 
 
@@ -286,16 +283,16 @@ class SparseUNet(nn.Module):
         gate = self.occupancy[0]
         soft = gate.force is None and gate.mode in ("lgm", "lgm_st")
         everywhere = soft or gate.force is not None  # the network runs on every candidate voxel
-        tracing = bool(_active_traces.get())
-        pairs = self._pairs(pts, neighbours=everywhere or tracing)
+        traced = tracing()
+        pairs = self._pairs(pts, neighbours=everywhere or traced)
         r = relation(pairs.d, self.relation, gate.lam) if soft else None
         levels = self._levels(pairs, r)
-        self._compute_sets(levels, everywhere, tracing)
+        self._compute_sets(levels, everywhere, traced)
         masks = []
         for level, g in zip(levels, self.occupancy):
             decision = g.decide(level.occupied)
             mask = g(level.logit, decision, level.soft, level.units.coords[:, 0], points.shape[0],
-                     self._pairs_per_unit(level, decision) if tracing else None)
+                     self._pairs_per_unit(level, decision) if traced else None)
             masks.append(mask if everywhere else None)
         feats = self._voxel_features(pts, pairs, r, levels[0], masks[0])
         voxel_logits = self._network(SparseTensor(feats, levels[0].compute), masks)
@@ -351,11 +348,11 @@ class SparseUNet(nn.Module):
         return levels
 
     @staticmethod
-    def _compute_sets(levels: list[_Level], everywhere: bool, tracing: bool) -> None:
+    def _compute_sets(levels: list[_Level], everywhere: bool, traced: bool) -> None:
         """The voxels the network runs on: every candidate, or (hard network) the occupied ones.
         Coarser sets come from ``downsample``, the very objects the strided convolutions produce."""
         for s, level in enumerate(levels):
-            if everywhere or not tracing:  # without a trace the hard network's units are its voxels
+            if everywhere or not traced:  # without a trace the hard network's units are its voxels
                 level.compute = level.units
             else:
                 level.rows = level.occupied.nonzero().squeeze(1)
