@@ -87,3 +87,10 @@ def test_models_lists_the_zoo():
     proc = run_cli("models")
     assert proc.returncode == 0
     assert "resnet20-fmnist" in proc.stdout
+    from dynattack.models import list_models
+
+    for m in list_models():  # each shipped victim's line shows its card's score (mIoU for point victims)
+        card = m["card"]
+        if card:
+            line = next(row for row in proc.stdout.splitlines() if row.startswith(m["name"] + " "))
+            assert f"{100 * card.get('miou', card['accuracy']):.2f} %" in line

@@ -35,13 +35,14 @@ def resolve_device(device: str) -> str:
 
 @app.command("models")
 def models_cmd() -> None:
-    """List the victim zoo with measured accuracy and compute kept (from the model cards)."""
+    """List the victim zoo with measured accuracy (mIoU for point victims) and compute kept (from the model cards)."""
     from .models import list_models
 
-    rows = [("name", "family", "params", "accuracy", "compute kept", "shipped")]
+    rows = [("name", "family", "params", "accuracy (point victims: mIoU)", "compute kept", "shipped")]
     for m in list_models():
         card = m["card"] or {}
-        acc = f"{100 * card['accuracy']:.2f} %" if "accuracy" in card else "-"
+        score = card.get("miou", card.get("accuracy"))
+        acc = f"{100 * score:.2f} %" if score is not None else "-"
         kept = f"{card['compute_kept_pct']:.1f} %" if "compute_kept_pct" in card else "-"
         params = f"{card['params'] / 1e6:.2f} M" if "params" in card else "-"
         rows.append((m["name"], m["family"], params, acc, kept, "yes" if m["shipped"] else "no (dynattack train)"))
