@@ -66,7 +66,7 @@ from torch import nn
 
 from .. import cost
 from ..gates import Gate, iter_gates
-from .resnet import Normalize, downsample, stage_layout
+from .resnet import build_gated_resnet, downsample
 
 # The official CIFAR release's input statistics (its data loaders normalise with these).
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
@@ -271,23 +271,9 @@ class DynConvResNet(nn.Module):
         widths: tuple[int, int, int] = (16, 32, 64),
     ) -> None:
         super().__init__()
-        if len(mean) != in_channels or len(std) != in_channels:
-            raise ValueError(f"mean/std need {in_channels} values, one per input channel")
-        n = stage_layout(depth)
-        self.depth = depth
-        self.input_shape = (in_channels, input_size, input_size)
-        self.num_classes = num_classes
-        self.normalize = Normalize(mean, std)
-        self.conv1 = _conv3x3(in_channels, widths[0])
-        self.bn1 = nn.BatchNorm2d(widths[0])
-        cin = widths[0]
-        for k, width in enumerate(widths, start=1):
-            blocks = []
-            for i in range(n):
-                blocks.append(DynConvBlock(cin, width, 2 if (k > 1 and i == 0) else 1))
-                cin = width
-            setattr(self, f"layer{k}", nn.Sequential(*blocks))
-        self.fc = nn.Linear(cin, num_classes)
+        build_gated_resnet(self, lambda cin, width, stride, i: DynConvBlock(cin, width, stride), depth=depth,
+                           in_channels=in_channels, num_classes=num_classes, input_size=input_size, mean=mean,
+                           std=std, widths=widths)
         self._init_weights()
         list(iter_gates(self))  # names the gates: "layer1.0.mask_gate", "layer1.0.dilate_gate", ...
 

@@ -47,7 +47,7 @@ from torch import nn
 
 from .. import cost
 from ..gates import Gate, Trace, iter_gates
-from .resnet import Normalize, downsample, stage_layout
+from .resnet import build_gated_resnet, downsample
 
 # The official CIFAR loaders' input statistics.
 CIFAR10_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
@@ -180,23 +180,9 @@ class ManiDPResNet(nn.Module):
         clamp_max: float = 1000.0,
     ) -> None:
         super().__init__()
-        if len(mean) != in_channels or len(std) != in_channels:
-            raise ValueError(f"mean/std need {in_channels} values, one per input channel")
-        n = stage_layout(depth)
-        self.depth = depth
-        self.input_shape = (in_channels, input_size, input_size)
-        self.num_classes = num_classes
-        self.normalize = Normalize(mean, std)
-        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
-        cin = widths[0]
-        for k, width in enumerate(widths, start=1):
-            blocks = []
-            for i in range(n):
-                blocks.append(ManiDPBlock(cin, width, 2 if (k > 1 and i == 0) else 1, reduction, clamp_max))
-                cin = width
-            setattr(self, f"layer{k}", nn.Sequential(*blocks))
-        self.fc = nn.Linear(cin, num_classes)
+        build_gated_resnet(self, lambda cin, width, stride, i: ManiDPBlock(cin, width, stride, reduction, clamp_max),
+                           depth=depth, in_channels=in_channels, num_classes=num_classes, input_size=input_size,
+                           mean=mean, std=std, widths=widths)
         self._init_weights()
         list(iter_gates(self))  # names the gates: "layer1.0.mb1.gate", "layer1.0.mb2.gate", ...
         self._second = {b.mb1.gate.name: b.mb2.gate.name for b in self.blocks}

@@ -47,6 +47,32 @@ def stage_layout(depth: int) -> int:
     return (depth - 2) // 6
 
 
+def build_gated_resnet(model: nn.Module, make_block, *, depth: int, in_channels: int, num_classes: int,
+                       input_size: int, mean, std, widths, sequential: bool = True) -> int:
+    """Give ``model`` the layout the gated families share: ``normalize``, stem ``conv1``/``bn1``,
+    stages ``layer1..3`` of ``make_block(cin, width, stride, index_in_stage)`` (an ``nn.Sequential``,
+    or an ``nn.ModuleList`` when ``sequential`` is False) and the classifier ``fc``; these names
+    map onto the static ResNet's (``train.common.static_backbone``). Returns the blocks per stage."""
+    if len(mean) != in_channels or len(std) != in_channels:
+        raise ValueError(f"mean/std need {in_channels} values, one per input channel")
+    n = stage_layout(depth)
+    model.depth = depth
+    model.input_shape = (in_channels, input_size, input_size)
+    model.num_classes = num_classes
+    model.normalize = Normalize(mean, std)
+    model.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+    model.bn1 = nn.BatchNorm2d(widths[0])
+    cin = widths[0]
+    for k, width in enumerate(widths, start=1):
+        blocks = []
+        for i in range(n):
+            blocks.append(make_block(cin, width, 2 if (k > 1 and i == 0) else 1, i))
+            cin = width
+        setattr(model, f"layer{k}", nn.Sequential(*blocks) if sequential else nn.ModuleList(blocks))
+    model.fc = nn.Linear(cin, num_classes)
+    return n
+
+
 class ResNet(nn.Module):
     """ResNet 6n+2 with widths 16/32/64 for any number of input channels and input size."""
 

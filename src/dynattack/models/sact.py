@@ -83,7 +83,7 @@ from .dynconv import (
     sparse_conv3x3,
     sparse_residual,
 )
-from .resnet import Normalize, downsample, stage_layout
+from .resnet import build_gated_resnet, downsample, stage_layout
 
 EPS = 0.01  # a position stops once its cumulative halting exceeds 1 - EPS (the paper's epsilon)
 LOGIT_SCALE = 4.0  # q = LOGIT_SCALE * (1 - EPS - c): dG/dc = -1 at the threshold (module docstring)
@@ -165,26 +165,14 @@ class SACTResNet(nn.Module):
         eps: float = EPS,
     ) -> None:
         super().__init__()
-        if len(mean) != in_channels or len(std) != in_channels:
-            raise ValueError(f"mean/std need {in_channels} values, one per input channel")
         n = stage_layout(depth)
         if n < 2:
             raise ValueError(f"SACT needs at least 2 units per stage (depth >= 14), got depth {depth}")
-        self.depth = depth
         self.eps = float(eps)
-        self.input_shape = (in_channels, input_size, input_size)
-        self.num_classes = num_classes
-        self.normalize = Normalize(mean, std)
-        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
-        cin = widths[0]
-        for k, width in enumerate(widths, start=1):
-            units = []
-            for i in range(n):
-                units.append(SACTBlock(cin, width, 2 if (k > 1 and i == 0) else 1, gated=i > 0, halting=i < n - 1))
-                cin = width
-            setattr(self, f"layer{k}", nn.ModuleList(units))
-        self.fc = nn.Linear(cin, num_classes)
+        build_gated_resnet(self, lambda cin, width, stride, i: SACTBlock(cin, width, stride, gated=i > 0,
+                                                                         halting=i < n - 1),
+                           depth=depth, in_channels=in_channels, num_classes=num_classes, input_size=input_size,
+                           mean=mean, std=std, widths=widths, sequential=False)
         self._init_weights()
         list(iter_gates(self))  # names the gates: "layer1.1.run_gate", "layer1.1.dilate_gate", ...
 
