@@ -18,7 +18,7 @@ from .. import cost
 from ..data import load_fashion_mnist
 from ..errors import DynattackError
 from ..gates import Trace
-from ..models import read_state_dict
+from ..models import read_state_dict, weights_path
 
 VAL_SIZE = 5000  # the last 5000 training images: held out for model and attack selection
 
@@ -151,3 +151,22 @@ def load_static_backbone(model, source: Path, name: str, init_from: str, own: tu
     if unexpected or foreign:
         raise DynattackError(f"{source} is not a static ResNet of depth {model.depth}: "
                              f"unexpected {unexpected[:4]}, missing {foreign[:4]}")
+
+
+def fine_tune_setup(spec, seed: int, data_root, device: str, limit: int | None, init_weights, own: tuple[str, ...]):
+    """The start every recipe that fine-tunes a gated ResNet shares: the seeded generator, the
+    Fashion-MNIST splits (the first ``limit`` images of each, for smoke runs), the model with the
+    static ResNet of ``train_args["init_from"]`` loaded into its backbone (``init_weights``, default
+    the zoo's; ``own``: the family's fresh modules) on ``device``, and its cost profile.
+    Returns (generator, ((x, y), (xv, yv), (xt, yt)), model, profile)."""
+    gen = seed_everything(seed)
+    splits = fashion_mnist_splits(data_root)
+    if limit:
+        splits = tuple((x[:limit], y[:limit]) for x, y in splits)
+    model = spec.build()
+    init_from = spec.train_args.get("init_from")
+    if init_from:
+        source = Path(init_weights) if init_weights else weights_path(init_from)
+        load_static_backbone(model, source, spec.name, init_from, own=own)
+    model.to(device)
+    return gen, splits, model, cost.calibrate(model, model.input_shape)

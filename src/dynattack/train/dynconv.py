@@ -36,13 +36,10 @@ from tqdm import tqdm
 
 from .. import cost
 from ..gates import Trace, gate_mode
-from ..models import weights_path
 from .common import (
     augment,
     evaluate,
-    fashion_mnist_splits,
-    load_static_backbone,
-    seed_everything,
+    fine_tune_setup,
     static_backbone,  # noqa: F401 - re-exported (tests, docs)
     victim_card,
 )
@@ -95,16 +92,8 @@ def train_dynconv(spec, seed: int = 0, data_root=None, device: str = "cpu", epoc
     epochs = epochs or args["epochs"]
     budget = float(args.get("budget", 0.5))
     weight = float(args.get("sparsity_weight", 10.0))
-    gen = seed_everything(seed)
-    (x, y), (xv, yv), (xt, yt) = fashion_mnist_splits(data_root)
-    if limit:
-        x, y, xv, yv, xt, yt = x[:limit], y[:limit], xv[:limit], yv[:limit], xt[:limit], yt[:limit]
-    model = spec.build()
-    if args.get("init_from"):
-        source = Path(init_weights) if init_weights else weights_path(args["init_from"])
-        load_static_backbone(model, source, spec.name, args["init_from"], own=(".masker.",))
-    model.to(device)
-    cost.calibrate(model, model.input_shape)
+    gen, ((x, y), (xv, yv), (xt, yt)), model, _ = fine_tune_setup(spec, seed, data_root, device, limit,
+                                                                  init_weights, own=(".masker.",))
     c1, c2 = (c.to(device, torch.float32) for c in model.block_costs())
 
     bs = args["batch_size"]

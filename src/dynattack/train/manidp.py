@@ -54,8 +54,7 @@ from tqdm import tqdm
 
 from .. import cost
 from ..gates import Trace, gate_mode
-from ..models import weights_path
-from .common import augment, evaluate, fashion_mnist_splits, load_static_backbone, seed_everything, victim_card
+from .common import augment, evaluate, fine_tune_setup, load_static_backbone, victim_card
 
 
 def keep_ratio(progress: float, target: float, anneal_frac: float) -> float:
@@ -95,11 +94,18 @@ def manifold_loss(saliency: torch.Tensor, feature: torch.Tensor) -> torch.Tensor
     return ((f @ f.t() - s @ s.t()) ** 2).sum() / (b * b)
 
 
-def _load_static(model, source: Path, name: str, init_from: str) -> None:
-    load_static_backbone(model, source, name, init_from, own=(".mb1.", ".mb2."))
+OWN = (".mb1.", ".mb2.")  # the mask blocks: fresh, not in the static ResNet
+
+
+def _all_on_saliencies(model) -> None:
     with torch.no_grad():
         for mb in model.mask_blocks:
             mb.fc2.weight.zero_()  # every saliency 1: the all-on network is the static one
+
+
+def _load_static(model, source: Path, name: str, init_from: str) -> None:
+    load_static_backbone(model, source, name, init_from, own=OWN)
+    _all_on_saliencies(model)
 
 
 def train_manidp(spec, seed: int = 0, data_root=None, device: str = "cpu", epochs: int | None = None,
@@ -121,16 +127,10 @@ def train_manidp(spec, seed: int = 0, data_root=None, device: str = "cpu", epoch
     lambda_graph = float(args.get("lambda_graph", 1.0))
     thre_cls, gamma = float(args.get("thre_cls", 0.5)), float(args.get("gamma", 1.0))
     anneal_frac = float(args.get("anneal_frac", 0.6))
-    gen = seed_everything(seed)
-    (x, y), (xv, yv), (xt, yt) = fashion_mnist_splits(data_root)
-    if limit:
-        x, y, xv, yv, xt, yt = x[:limit], y[:limit], xv[:limit], yv[:limit], xt[:limit], yt[:limit]
-    model = spec.build()
+    gen, ((x, y), (xv, yv), (xt, yt)), model, prof = fine_tune_setup(spec, seed, data_root, device, limit,
+                                                                     init_weights, own=OWN)
     if args.get("init_from"):
-        source = Path(init_weights) if init_weights else weights_path(args["init_from"])
-        _load_static(model, source, spec.name, args["init_from"])
-    model.to(device)
-    prof = cost.calibrate(model, model.input_shape)
+        _all_on_saliencies(model)
     masks = model.mask_blocks
 
     bs = args["batch_size"]

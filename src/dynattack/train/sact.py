@@ -28,8 +28,7 @@ from tqdm import tqdm
 
 from .. import cost
 from ..gates import gate_mode
-from ..models import weights_path
-from .common import augment, evaluate, fashion_mnist_splits, load_static_backbone, seed_everything, victim_card
+from .common import augment, evaluate, fine_tune_setup, victim_card
 
 
 @torch.no_grad()
@@ -54,16 +53,8 @@ def train_sact(spec, seed: int = 0, data_root=None, device: str = "cpu", epochs:
     args = spec.train_args
     epochs = epochs or args["epochs"]
     tau = float(args["tau"])
-    gen = seed_everything(seed)
-    (x, y), (xv, yv), (xt, yt) = fashion_mnist_splits(data_root)
-    if limit:
-        x, y, xv, yv, xt, yt = x[:limit], y[:limit], xv[:limit], yv[:limit], xt[:limit], yt[:limit]
-    model = spec.build()
-    if args.get("init_from"):
-        source = Path(init_weights) if init_weights else weights_path(args["init_from"])
-        load_static_backbone(model, source, spec.name, args["init_from"], own=(".halting.",))
-    model.to(device)
-    cost.calibrate(model, model.input_shape)
+    gen, ((x, y), (xv, yv), (xt, yt)), model, _ = fine_tune_setup(spec, seed, data_root, device, limit,
+                                                                  init_weights, own=(".halting.",))
 
     bs = args["batch_size"]
     steps = epochs * ((len(x) + bs - 1) // bs)
