@@ -1,11 +1,13 @@
-"""Helpers shared by the victim-family tests: varied BN statistics and random tensors in the
-official checkpoint layouts."""
+"""Helpers shared by the victim-family tests: varied BN statistics, random tensors in the
+official checkpoint layouts, a traced hard forward and the batch-independence check."""
 from __future__ import annotations
 
 import math
 
 import torch
 from torch import nn
+
+from dynattack.gates import Trace
 
 
 def randomise_bn(model: nn.Module, gen: torch.Generator) -> None:
@@ -38,3 +40,24 @@ class RandomStateDict(dict):
         self[name + ".running_var"] = torch.rand(c, generator=self.gen) + 0.5
         if self.batches_tracked:
             self[name + ".num_batches_tracked"] = torch.tensor(1000)
+
+
+def hard_run(model: nn.Module, x: torch.Tensor):
+    """(logits, trace) of the hard network on ``x``, no gradient."""
+    with torch.no_grad(), Trace() as trace:
+        out = model(x)
+    return out, trace
+
+
+def assert_decisions_batch_independent(model: nn.Module, x: torch.Tensor, rtol: float = 1e-5) -> None:
+    """Each sample's hard decisions are the same alone, in its batch and among other inputs, and
+    its gate logits agree within float tolerance."""
+    _, trace = hard_run(model, x)
+    decisions, q = trace.flat("decision"), trace.flat("logit")
+    others = torch.rand(3, *x.shape[1:], generator=torch.Generator().manual_seed(7))
+    for i in range(len(x)):
+        _, alone = hard_run(model, x[i:i + 1])
+        _, mixed = hard_run(model, torch.cat([others, x[i:i + 1]]))
+        assert torch.equal(alone.flat("decision")[0], decisions[i])
+        assert torch.equal(mixed.flat("decision")[-1], decisions[i])
+        torch.testing.assert_close(alone.flat("logit")[0], q[i], atol=1e-5, rtol=rtol)

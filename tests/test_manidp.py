@@ -23,7 +23,7 @@ from dynattack.errors import DynattackError
 from dynattack.gates import Trace, gate_mode, iter_gates
 from dynattack.models import get_spec, load_weights
 from dynattack.models.manidp import MaskBlock, manidp_cifar
-from model_helpers import randomise_bn
+from model_helpers import assert_decisions_batch_independent, hard_run, randomise_bn
 
 FMNIST = {"in_channels": 1, "num_classes": 10, "input_size": 28, "mean": (0.2860,), "std": (0.3530,)}
 
@@ -65,12 +65,6 @@ def small_manidp(depth: int = 14, seed: int = 0, batch: int = 6):
     """A random-init ManiDP-14 on 1x28x28 in eval mode, varied BN, mixed channel decisions."""
     model, x = _small(depth, seed, batch)
     return copy.deepcopy(model), x.clone()
-
-
-def hard_run(model, x):
-    with torch.no_grad(), Trace() as trace:
-        out = model(x)
-    return out, trace
 
 
 # -- gates ------------------------------------------------------------------------------------
@@ -191,16 +185,7 @@ def test_masked_and_real_execution_give_the_same_logits():
 
 
 def test_decisions_do_not_depend_on_the_rest_of_the_batch():
-    model, x = small_manidp()
-    _, trace = hard_run(model, x)
-    decisions, q = trace.flat("decision"), trace.flat("logit")
-    others = torch.rand(3, *x.shape[1:], generator=torch.Generator().manual_seed(7))
-    for i in range(len(x)):
-        _, alone = hard_run(model, x[i:i + 1])
-        _, mixed = hard_run(model, torch.cat([others, x[i:i + 1]]))
-        assert torch.equal(alone.flat("decision")[0], decisions[i])
-        assert torch.equal(mixed.flat("decision")[-1], decisions[i])
-        torch.testing.assert_close(alone.flat("logit")[0], q[i], atol=1e-5, rtol=1e-4)
+    assert_decisions_batch_independent(*small_manidp(), rtol=1e-4)
 
 
 # -- gradients ------------------------------------------------------------------------------------
