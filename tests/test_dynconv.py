@@ -434,16 +434,6 @@ def test_all_on_dynconv_is_the_static_resnet_it_can_start_from(tmp_path):
         torch.testing.assert_close(model.forward_conditional(x), static(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def fashion_mnist_available():
-    from dynattack.data import load_fashion_mnist
-
-    try:
-        load_fashion_mnist("test")
-    except DynattackError as exc:
-        pytest.skip(f"Fashion-MNIST not installed: {exc}")
-
-
 def test_training_smoke_run_writes_weights_and_card(tmp_path, fashion_mnist_available):
     from dynattack.models.resnet import ResNet
     from dynattack.train import _recipe, train_model

@@ -260,16 +260,6 @@ def test_all_on_manidp_from_a_static_resnet_is_that_resnet(tmp_path):
         _load_static(manidp_cifar(20, **FMNIST), tmp_path / "resnet14.safetensors", "manidp20", "resnet14")
 
 
-@pytest.fixture(scope="module")
-def fashion_mnist_available():
-    from dynattack.data import load_fashion_mnist
-
-    try:
-        load_fashion_mnist("test")
-    except DynattackError as exc:
-        pytest.skip(f"Fashion-MNIST not installed: {exc}")
-
-
 def test_training_smoke_run_writes_weights_and_card(tmp_path, fashion_mnist_available):
     from dynattack.models.resnet import ResNet
     from dynattack.train import _recipe, train_model

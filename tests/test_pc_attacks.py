@@ -151,15 +151,26 @@ def test_attack_files_import_no_model_family():
         assert not [m for m in imported if any(part in m.split(".") for part in ("models", "data", "sparse"))], name
 
 
-@pytest.mark.parametrize("grad", ["fgm", "lgm"])
-def test_cli_attack_writes_miou(tmp_path, monkeypatch, grad):
-    # small rooms (a few thousand points) keep the run short; the run itself is the real one
+def small_rooms_and_random_victim(tmp_path, monkeypatch):
+    """Small rooms (a few thousand points: the CLI runs stay short, the runs themselves are the
+    real ones) and random unet3d-rooms weights; returns (weights file, run directory)."""
     monkeypatch.setattr(point_batch, "synthetic_scenes",
                         lambda split, n, seed=0: synthetic_scenes(split, n, seed, density=40.0))
     torch.manual_seed(0)
     weights = tmp_path / "random.safetensors"
     save_file({k: v.contiguous() for k, v in get_spec("unet3d-rooms").build().state_dict().items()}, str(weights))
-    out = tmp_path / "run"
+    return weights, tmp_path / "run"
+
+
+def victim_from(weights):
+    model = get_spec("unet3d-rooms").build()
+    model.load_state_dict(load_file(str(weights)))
+    return model.eval()
+
+
+@pytest.mark.parametrize("grad", ["fgm", "lgm"])
+def test_cli_attack_writes_miou(tmp_path, monkeypatch, grad):
+    weights, out = small_rooms_and_random_victim(tmp_path, monkeypatch)
     result = CliRunner().invoke(app, ["attack", "--victim", "unet3d-rooms", "--attack", "pc-ifgsm", "--eps", "0.02",
                                       "--grad", grad, "--out", str(out), "--n", "2", "--batch-size", "2", "--steps", "2",
                                       "--latency-n", "0", "--no-progress", "--weights", str(weights)])
@@ -170,9 +181,7 @@ def test_cli_attack_writes_miou(tmp_path, monkeypatch, grad):
     shard = load_file(str(out / "adv" / "batch_00000.safetensors"))
     data = point_batch.load_point_dataset("synthetic-rooms", 2)
     assert torch.equal(shard["clean"], data.points)
-    model = get_spec("unet3d-rooms").build()
-    model.load_state_dict(load_file(str(weights)))
-    model.eval()
+    model = victim_from(weights)
     with torch.no_grad():
         for key, points in (("miou_clean", shard["clean"]), ("miou_adv", shard["adv"])):
             pred = model(points).argmax(1)
@@ -183,21 +192,14 @@ def test_cli_attack_writes_miou(tmp_path, monkeypatch, grad):
 
 
 def test_cli_energy_attack_on_points_reports_flops(tmp_path, monkeypatch):
-    monkeypatch.setattr(point_batch, "synthetic_scenes",
-                        lambda split, n, seed=0: synthetic_scenes(split, n, seed, density=40.0))
-    torch.manual_seed(0)
-    weights = tmp_path / "random.safetensors"
-    save_file({k: v.contiguous() for k, v in get_spec("unet3d-rooms").build().state_dict().items()}, str(weights))
-    out = tmp_path / "run"
+    weights, out = small_rooms_and_random_victim(tmp_path, monkeypatch)
     result = CliRunner().invoke(app, ["attack", "--victim", "unet3d-rooms", "--attack", "pc-gradauto", "--eps", "0.02",
                                       "--out", str(out), "--n", "2", "--batch-size", "2", "--steps", "3",
                                       "--latency-n", "1", "--no-progress", "--weights", str(weights)])
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     shard = load_file(str(out / "adv" / "batch_00000.safetensors"))
-    model = get_spec("unet3d-rooms").build()
-    model.load_state_dict(load_file(str(weights)))
-    model.eval()
+    model = victim_from(weights)
     clean, adv = hard_flops(model, shard["clean"]), hard_flops(model, shard["adv"])
     assert summary["flops_clean"] == pytest.approx(float(clean.mean()))
     assert summary["flops_adv"] == pytest.approx(float(adv.mean()))

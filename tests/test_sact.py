@@ -295,16 +295,6 @@ def test_attacks_run_unchanged():
 # -- training ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def fashion_mnist_available():
-    from dynattack.data import load_fashion_mnist
-
-    try:
-        load_fashion_mnist("test")
-    except DynattackError as exc:
-        pytest.skip(f"Fashion-MNIST not installed: {exc}")
-
-
 def test_training_smoke_run_writes_weights_and_card(tmp_path, fashion_mnist_available):
     from dynattack.models.resnet import ResNet
     from dynattack.train import _recipe, train_model

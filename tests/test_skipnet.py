@@ -357,16 +357,6 @@ def test_imagenet_skipnet50_forward_and_101_layout():
 # -- training smoke runs ----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def fashion_mnist_available():
-    from dynattack.data import load_fashion_mnist
-
-    try:
-        load_fashion_mnist("test")
-    except DynattackError as exc:
-        pytest.skip(f"Fashion-MNIST not installed: {exc}")
-
-
 def _smoke_spec(name: str, **over):
     spec = get_spec(name)
     return dataclasses.replace(spec, train_args={**spec.train_args, "batch_size": 64, **over})
