@@ -578,6 +578,15 @@ class AccuracyAttack(Attack):
     def params(self) -> dict:
         return {**super().params(), "grad": self.grad, "lam": self.grad_lam, "targeted": self.targeted}
 
+    # Iterative accuracy attacks keep each sample's current input in ``state["adv"]``: the
+    # gradient forward runs on it and it is the candidate.
+    def forward_input(self, state, idx):
+        leaf = state["adv"][idx].clone().requires_grad_()
+        return leaf, leaf
+
+    def candidate(self, state, idx):
+        return state["adv"][idx].clone()
+
     def goal(self, ev, labels):
         return ev.pred == labels if self.targeted else ev.pred != labels
 

@@ -198,13 +198,6 @@ class IFGSM(AccuracyAttack):
             state["momentum"] = torch.zeros_like(images)
         return state
 
-    def forward_input(self, state, idx):
-        leaf = state["adv"][idx].clone().requires_grad_()
-        return leaf, leaf
-
-    def candidate(self, state, idx):
-        return state["adv"][idx].clone()
-
     def step(self, state, idx, leaf, fwd, keep, it):
         loss, g = self.gradient(fwd, leaf, state["labels"][idx])
         mask = state["mask"]

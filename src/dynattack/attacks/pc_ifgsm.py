@@ -105,13 +105,6 @@ class PointIFGSM(AccuracyAttack):
     def init_state(self, images, labels, clean):
         return {"x": images, "labels": labels, "adv": images.clone()}
 
-    def forward_input(self, state, idx):
-        leaf = state["adv"][idx].clone().requires_grad_()
-        return leaf, leaf
-
-    def candidate(self, state, idx):
-        return state["adv"][idx].clone()
-
     def step(self, state, idx, leaf, fwd, keep, it):
         loss = self.loss(fwd.logits, state["labels"][idx])
         g = vjp(loss, leaf)[..., :3]
