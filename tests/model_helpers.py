@@ -6,8 +6,10 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from dynattack.gates import Trace
+from dynattack import cost
+from dynattack.gates import Trace, gate_mode
 
 
 def randomise_bn(model: nn.Module, gen: torch.Generator) -> None:
@@ -61,3 +63,25 @@ def assert_decisions_batch_independent(model: nn.Module, x: torch.Tensor, rtol: 
         assert torch.equal(alone.flat("decision")[0], decisions[i])
         assert torch.equal(mixed.flat("decision")[-1], decisions[i])
         torch.testing.assert_close(alone.flat("logit")[0], q[i], atol=1e-5, rtol=rtol)
+
+
+def assert_flops_equal_real_execution(model: nn.Module, x: torch.Tensor, prof) -> torch.Tensor:
+    """``cost.executed_flops`` of the hard forward equals ``FlopCounterMode`` over the real
+    conditional execution: of each sample alone, of the batch (the sum), and with every gate
+    forced on (``prof.full``) and off (``prof.static``). Returns the per-sample FLOPs."""
+    _, trace = hard_run(model, x)
+    flops = cost.executed_flops(model, trace)
+    assert flops.unique().numel() == len(x)
+    for i in range(len(x)):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model.forward_conditional(x[i:i + 1])
+        assert counter.get_total_flops() == flops[i].item()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.forward_conditional(x)
+    assert counter.get_total_flops() == flops.sum().item()
+    for force, expected in (("on", prof.full), ("off", prof.static)):
+        with torch.no_grad(), gate_mode(model, "hard", force=force), Trace() as forced:
+            with FlopCounterMode(display=False) as counter:
+                model.forward_conditional(x[:1])
+        assert counter.get_total_flops() == expected == cost.executed_flops(model, forced).item()
+    return flops

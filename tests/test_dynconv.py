@@ -33,7 +33,7 @@ from dynattack.models.dynconv import (
     sparse_conv3x3,
     _channels_last_padded,
 )
-from model_helpers import RandomStateDict, assert_decisions_batch_independent, hard_run, randomise_bn
+from model_helpers import RandomStateDict, assert_decisions_batch_independent, assert_flops_equal_real_execution, hard_run, randomise_bn
 
 FMNIST = {"in_channels": 1, "num_classes": 10, "input_size": 28, "mean": (0.2860,), "std": (0.3530,)}
 
@@ -119,21 +119,7 @@ def test_executed_flops_equal_flop_counter_on_real_execution():
     _, trace = hard_run(model, x)
     rates = torch.stack([e.decision.float().mean() for e in trace])
     assert ((rates > 0) & (rates < 1)).all(), "every mask must keep some positions and skip others"
-    flops = cost.executed_flops(model, trace)
-    assert flops.unique().numel() == len(x)
-    for i in range(len(x)):
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model.forward_conditional(x[i:i + 1])
-        assert counter.get_total_flops() == flops[i].item()
-    # batched real execution counts the sum
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.forward_conditional(x)
-    assert counter.get_total_flops() == flops.sum().item()
-    for force, expected in (("on", prof.full), ("off", prof.static)):
-        with torch.no_grad(), gate_mode(model, "hard", force=force), Trace() as trace:
-            with FlopCounterMode(display=False) as counter:
-                model.forward_conditional(x[:1])
-        assert counter.get_total_flops() == expected == cost.executed_flops(model, trace).item()
+    assert_flops_equal_real_execution(model, x, prof)
     # static: stem, mask units (conv + fc), shortcut projections and classifier
     with torch.no_grad():
         h, static = model._stem(x[:1]), 0

@@ -23,7 +23,7 @@ from dynattack.errors import DynattackError
 from dynattack.gates import Trace, gate_mode, iter_gates
 from dynattack.models import get_spec, load_weights
 from dynattack.models.manidp import MaskBlock, manidp_cifar
-from model_helpers import assert_decisions_batch_independent, hard_run, randomise_bn
+from model_helpers import assert_decisions_batch_independent, assert_flops_equal_real_execution, hard_run, randomise_bn
 
 FMNIST = {"in_channels": 1, "num_classes": 10, "input_size": 28, "mean": (0.2860,), "std": (0.3530,)}
 
@@ -128,21 +128,8 @@ def test_executed_flops_equal_flop_counter_on_real_execution():
     _, trace = hard_run(model, x)
     rates = torch.stack([e.decision.float().mean() for e in trace])
     assert ((rates > 0) & (rates < 1)).all(), "every mask must keep some channels and prune others"
-    flops = cost.executed_flops(model, trace)
-    assert flops.unique().numel() == len(x)
+    flops = assert_flops_equal_real_execution(model, x, prof)
     assert torch.equal(flops, hand_count(model, trace, prof.static))
-    for i in range(len(x)):
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model.forward_conditional(x[i:i + 1])
-        assert counter.get_total_flops() == flops[i].item()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.forward_conditional(x)
-    assert counter.get_total_flops() == flops.sum().item()
-    for force, expected in (("on", prof.full), ("off", prof.static)):
-        with torch.no_grad(), gate_mode(model, "hard", force=force), Trace() as forced:
-            with FlopCounterMode(display=False) as counter:
-                model.forward_conditional(x[:1])
-        assert counter.get_total_flops() == expected == cost.executed_flops(model, forced).item()
     # static: stem, mask blocks (2 FCs each), shortcut projections, classifier
     fcs = sum(2 * mb.fc1.in_features * mb.fc1.out_features + 2 * mb.fc2.in_features * mb.fc2.out_features
               for mb in model.mask_blocks)

@@ -17,14 +17,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from dynattack import cost
 from dynattack.errors import DynattackError
 from dynattack.gates import Trace, gate_mode, iter_gates
 from dynattack.models import get_spec, load_weights
 from dynattack.models.sact import LOGIT_SCALE, sact_cifar
-from model_helpers import assert_decisions_batch_independent, hard_run, randomise_bn
+from model_helpers import assert_decisions_batch_independent, assert_flops_equal_real_execution, hard_run, randomise_bn
 
 FMNIST = {"in_channels": 1, "num_classes": 10, "input_size": 28, "mean": (0.2860,), "std": (0.3530,)}
 
@@ -167,21 +166,7 @@ def test_halting_matches_the_official_loop():
 def test_executed_flops_equal_flop_counter_on_real_execution():
     model, x = small_sact()
     prof = cost.calibrate(model, model.input_shape)
-    _, trace = hard_run(model, x)
-    flops = cost.executed_flops(model, trace)
-    assert flops.unique().numel() == len(x)
-    for i in range(len(x)):
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model.forward_conditional(x[i:i + 1])
-        assert counter.get_total_flops() == flops[i].item()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.forward_conditional(x)
-    assert counter.get_total_flops() == flops.sum().item()
-    for force, expected in (("on", prof.full), ("off", prof.static)):
-        with torch.no_grad(), gate_mode(model, "hard", force=force), Trace() as trace:
-            with FlopCounterMode(display=False) as counter:
-                model.forward_conditional(x[:1])
-        assert counter.get_total_flops() == expected == cost.executed_flops(model, trace).item()
+    assert_flops_equal_real_execution(model, x, prof)
     # static, by hand: stem, each stage's first unit (convs, projection, halting conv), every
     # halting unit's global fc, classifier
     static = 2 * 9 * 1 * 16 * 784 + 2 * 64 * 10
