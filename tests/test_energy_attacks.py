@@ -10,7 +10,7 @@ import torch
 from dynattack import cost
 from dynattack.attacks import ILFO, AccuracyAttack, GradAuto
 from dynattack.attacks.base import gate_units, vjp
-from dynattack.attacks.gradauto import rectify, tanh_jacobian, tanh_space
+from dynattack.attacks.gradauto import rectify, tanh_space
 from dynattack.errors import DynattackError
 from dynattack.gates import Trace, iter_gates
 
@@ -78,12 +78,17 @@ def test_tanh_space_zero_delta_is_exactly_the_input():
 def test_tanh_jacobian_matches_autograd():
     g = torch.Generator().manual_seed(1)
     x = torch.rand(2, 1, 5, 5, generator=g)
-    w = torch.atanh((2 * x - 1).clamp(-0.999, 0.999))
-    delta = (torch.randn(2, 1, 5, 5, generator=g) * 0.5).requires_grad_()
-    out, t = tanh_space(x, w, torch.tanh(w), delta)
-    (auto,) = torch.autograd.grad(((out - x) ** 2).sum(), delta)
-    closed = 2 * (out - x).detach() * tanh_jacobian(out.detach(), t.detach())
-    torch.testing.assert_close(closed, auto, rtol=1e-4, atol=1e-6)
+    x[:, :, 0] = 0.0  # saturated pixels: the clamp's bound passes the gradient, beyond it does not
+    x[:, :, 1] = 1.0
+    w = torch.atanh((2 * x - 1).clamp(-0.7, 0.7))
+    delta = torch.randn(2, 1, 5, 5, generator=g) * 0.5
+    delta[0, 0, 0] = 0.0  # exactly at the bound
+    delta = delta.requires_grad_()
+    out, jac = tanh_space(x, w, torch.tanh(w), delta)
+    assert ((out == 0) | (out == 1)).any() and (jac == 0).any() and (jac[0, 0, 0] > 0).all()
+    upstream = torch.randn(out.shape, generator=g)
+    (auto,) = torch.autograd.grad((out * upstream).sum(), delta)
+    torch.testing.assert_close(upstream * jac.detach(), auto, rtol=1e-5, atol=1e-7)
 
 
 def test_rectify_norm_is_K_and_removes_the_opposed_component():
@@ -192,14 +197,45 @@ def test_backward_passes_per_iteration(monkeypatch):
     assert len(calls) == 20
 
 
+def project_all_on_toy(x, rounds=20000):
+    """Dykstra's alternating projections onto ToyGated's three convex all-on constraints."""
+    y = x.flatten(1).double().clone()
+    sets = [lambda z: z + (0.5 - z.mean(1, keepdim=True)).clamp_min(0),
+            lambda z: torch.cat([z[:, :1].clamp_min(0.7), z[:, 1:]], 1),
+            lambda z: z.clamp(0, 1)]
+    corr = [torch.zeros_like(y) for _ in sets]
+    for _ in range(rounds):
+        for i, proj in enumerate(sets):
+            z = proj(y + corr[i])
+            corr[i] = y + corr[i] - z
+            y = z
+    return y
+
+
 def test_keep_optimising_distortion_lowers_distortion_and_stays_on():
     model = ToyGated()
     x = toy_images(model, 4)
     plain = GradAuto(model, keep_optimising_distortion=False, progress=False)(x)
-    polished = GradAuto(model, keep_optimising_distortion=True, progress=False)(x)
+    polished = GradAuto(model, keep_optimising_distortion=True, progress=False, history=True)(x)
     assert (polished.recovery == 100).all()
     assert all(d.all() for d in decisions(model, polished.adv).values())
-    assert (polished.l2 <= plain.l2 + 1e-9).all() and (polished.l2 < plain.l2).any()
+    assert (polished.adv >= 0).all() and (polished.adv <= 1).all()
+    assert (polished.l2 <= plain.l2 + 1e-9).all()
+    # ToyGated's all-on set is {mean(x) >= 0.5} & {x[0] >= 0.7} & [0, 1]^16, convex: its least
+    # distorted point is the Euclidean projection, computed independently (Dykstra's algorithm)
+    exact = (project_all_on_toy(x) - x.flatten(1).double()).norm(dim=1)
+    assert (polished.l2 >= exact - 1e-6).all() and (polished.l2 <= 1.005 * exact).all()
+    # the search runs to the last iteration, crossing the boundary both ways (the radius shrinks
+    # off it and grows back), and each sample returns its least distorted all-on iterate
+    h = polished.history
+    assert (polished.iterations == 300).all()
+    searching = h["on_boundary"].bool()
+    assert searching[-1].all()
+    all_on = h["gate_on"].amin(2) == 1
+    for b in range(4):
+        assert (~all_on[:, b][searching[:, b]]).any() and all_on[:, b][searching[:, b]].any()
+        best = h["l2"][:, b][all_on[:, b]].min()
+        torch.testing.assert_close(polished.l2[b].double(), best, rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("attack", [GradAuto, ILFO])

@@ -66,10 +66,14 @@ class PointGradAuto(GradAuto):
         return {"x": images, "real": images[..., -1:] > 0.5, "delta": delta, "adam": PerSampleAdam(delta, self.lr)}
 
     def _map(self, state, idx, delta):
+        """``(points, d xyz / d delta)``."""
         t = torch.tanh(delta)
-        points = state["x"][idx]
-        xyz = points[..., :3] + self.eps * t * state["real"][idx]  # padding rows stay
-        return torch.cat([xyz, points[..., 3:]], dim=-1), t
+        points, real = state["x"][idx], state["real"][idx]
+        xyz = points[..., :3] + self.eps * t * real  # padding rows stay
+        return torch.cat([xyz, points[..., 3:]], dim=-1), self.eps * (1 - t * t) * real
+
+    def _delta_grad(self, state, idx, g_x):
+        return g_x[..., :3] * self._map(state, idx, state["delta"][idx])[1]
 
     def _mse_grad(self, state, idx, delta):
         """Closed-form gradient of ``sum(((xyz' - xyz) / eps) ** 2) = sum(tanh(delta) ** 2)``
