@@ -9,7 +9,7 @@ import torch
 
 from dynattack import cost
 from dynattack.attacks import ILFO, AccuracyAttack, GradAuto
-from dynattack.attacks.base import gate_units, vjp
+from dynattack.attacks.base import PerSampleAdam, gate_units, vjp
 from dynattack.attacks.gradauto import rectify, tanh_space
 from dynattack.errors import DynattackError
 from dynattack.gates import Trace, iter_gates
@@ -89,6 +89,23 @@ def test_tanh_jacobian_matches_autograd():
     upstream = torch.randn(out.shape, generator=g)
     (auto,) = torch.autograd.grad((out * upstream).sum(), delta)
     torch.testing.assert_close(upstream * jac.detach(), auto, rtol=1e-5, atol=1e-7)
+
+
+def test_per_sample_adam_is_torch_adam_per_row():
+    g = torch.Generator().manual_seed(3)
+    grads = torch.randn(6, 3, 4, generator=g)
+    param = torch.zeros(3, 4)
+    ours = PerSampleAdam(param, lr=0.05)
+    refs = [torch.zeros(4, requires_grad=True) for _ in range(3)]
+    opts = [torch.optim.Adam([r], lr=0.05) for r in refs]
+    for step in range(6):
+        rows = torch.tensor([0, 1]) if step % 2 else torch.tensor([0, 1, 2])  # row 2 pauses
+        ours.step(rows, grads[step, rows])
+        for r in rows.tolist():
+            refs[r].grad = grads[step, r].clone()
+            opts[r].step()
+    for r in range(3):
+        torch.testing.assert_close(param[r], refs[r].detach(), rtol=1e-4, atol=1e-5)  # float32 op order
 
 
 def test_rectify_norm_is_K_and_removes_the_opposed_component():

@@ -144,9 +144,8 @@ def per_sample_view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class PerSampleAdam:
-    """Adam (``torch.optim.Adam``'s update) on a ``(B, ...)`` tensor in place, with moments, step
-    count and learning rate per sample: a sample that pauses or stops does not age the others'
-    state, and its step size can be changed alone (backtracking)."""
+    """Adam (``torch.optim.Adam``'s update) on a ``(B, ...)`` tensor in place, with moments and
+    step count per sample: a sample that pauses or stops does not age the others' state."""
 
     def __init__(self, param: torch.Tensor, lr: float, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
         self.param = param
@@ -155,13 +154,7 @@ class PerSampleAdam:
         self.m = torch.zeros_like(param)
         self.v = torch.zeros_like(param)
         self.t = torch.zeros(param.shape[0], dtype=torch.long, device=param.device)
-        self.lr = torch.full((param.shape[0],), float(lr), dtype=param.dtype, device=param.device)
-
-    def reset(self, rows: torch.Tensor) -> None:
-        """Forget the moments of ``rows`` (e.g. when their objective changes)."""
-        self.m[rows] = 0
-        self.v[rows] = 0
-        self.t[rows] = 0
+        self.lr = float(lr)
 
     def step(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
         """Descend along ``grad`` (one row per entry of ``rows``)."""
@@ -172,8 +165,7 @@ class PerSampleAdam:
         v = self.v[rows].mul_(self.b2).addcmul_(grad, grad, value=1 - self.b2)
         bc1 = per_sample_view(1 - self.b1 ** t.to(grad.dtype), grad)
         bc2 = per_sample_view(1 - self.b2 ** t.to(grad.dtype), grad)
-        lr = per_sample_view(self.lr[rows], grad)
-        self.param[rows] = self.param[rows] - lr / bc1 * m / ((v / bc2).sqrt() + self.eps)
+        self.param[rows] = self.param[rows] - self.lr / bc1 * m / ((v / bc2).sqrt() + self.eps)
         self.m[rows], self.v[rows], self.t[rows] = m, v, t
 
 
