@@ -174,19 +174,15 @@ class GradAuto(EnergyAttack):
         lim = 1.0 - self.tanh_eps
         w = torch.atanh((2 * images - 1).clamp(-lim, lim))
         delta = torch.zeros_like(images)
+        B, dev = images.shape[0], images.device
         return {
             "x": images, "w": w, "t0": torch.tanh(w), "delta": delta,
             "adam": PerSampleAdam(delta, self.lr),  # updates delta in place
-            **self._boundary_state(images),
-        }
-
-    def _boundary_state(self, images):
-        B, dev = images.shape[0], images.device
-        return {
+            # boundary search (keep_optimising_distortion)
             "on_boundary": torch.zeros(B, dtype=torch.bool, device=dev),
-            "x_b": images.clone(),  # boundary-search iterate (input space)
+            "x_b": images.clone(),  # its iterate, in input space
             "radius": torch.zeros(B, dtype=images.dtype, device=dev),
-            "start": torch.zeros(B, dtype=torch.long, device=dev),  # iteration the search began
+            "start": torch.zeros(B, dtype=torch.long, device=dev),  # iteration it began
         }
 
     def _map(self, state, idx, delta):
