@@ -251,8 +251,8 @@ def test_keep_optimising_distortion_lowers_distortion_and_stays_on():
     all_on = h["gate_on"].amin(2) == 1
     for b in range(4):
         assert (~all_on[:, b][searching[:, b]]).any() and all_on[:, b][searching[:, b]].any()
-        best = h["l2"][:, b][all_on[:, b]].min()
-        torch.testing.assert_close(polished.l2[b].double(), best, rtol=1e-6, atol=1e-9)
+        best = h["l2"][:, b][all_on[:, b]].min()  # (the iterate after the last update is offered too)
+        assert polished.l2[b] <= best + 1e-9
 
 
 @pytest.mark.parametrize("attack", [GradAuto, ILFO])
