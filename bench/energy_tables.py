@@ -162,6 +162,10 @@ def gates(x, args, lines):
     minimum of the logits (temperature 0.5), which only rises when the lowest gate rises."""
     model = create_model(args.victim).eval()
     n = len(x)
+    with torch.no_grad(), Trace() as trace:
+        model(x)
+    names = [e.name for e in trace]
+    clean_on = torch.stack([e.decision.reshape(n) for e in trace], 1).double().mean(0)
 
     def push(objective):
         z = x.clone().requires_grad_(True)
@@ -177,10 +181,6 @@ def gates(x, args, lines):
             opt.step()
         return ever, logits.detach()
 
-    with torch.no_grad(), Trace() as trace:
-        model(x)
-    names = [e.name for e in trace]
-    clean_on = torch.stack([e.decision.reshape(n) for e in trace], 1).double().mean(0)
     lines += [f"### Can the gates be switched on? {args.victim}, no distortion limit", "",
               "| gate | on, clean images | on after pushing it alone |", "|---|---|---|"]
     for k in (k for k in range(len(names)) if clean_on[k] < 1):

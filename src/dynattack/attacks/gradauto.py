@@ -189,9 +189,9 @@ class GradAuto(EnergyAttack):
         """``(input, d input / d delta)`` for the rows ``idx`` at perturbation ``delta``."""
         return tanh_space(state["x"][idx], state["w"][idx], state["t0"][idx], delta)
 
-    def _delta_grad(self, state, idx, g_x):
+    def _delta_grad(self, g_x, jac):
         """Gradient w.r.t. ``delta`` from the gradient w.r.t. the input (chain rule)."""
-        return g_x * self._map(state, idx, state["delta"][idx])[1]
+        return g_x * jac
 
     def candidate(self, state, idx):
         x = self._map(state, idx, state["delta"][idx])[0]
@@ -209,9 +209,8 @@ class GradAuto(EnergyAttack):
             return torch.zeros_like(ev.all_on)
         return ev.all_on
 
-    def _mse_grad(self, state, idx, delta):
+    def _mse_grad(self, state, idx, x_adv, jac):
         """Closed-form gradient of ``sum((x' - x)^2)`` w.r.t. ``delta`` (no backward pass)."""
-        x_adv, jac = self._map(state, idx, delta)
         return 2 * (x_adv - state["x"][idx]) * jac
 
     def step(self, state, idx, leaf, fwd: Forward, keep, it):
@@ -223,11 +222,12 @@ class GradAuto(EnergyAttack):
         # it is zero, so its backward is skipped.
         need_f = (use_rd or self.history) and bool((l_f < 0).any())
         g_c_x = vjp(l_c, leaf, retain_graph=need_f)
-        g_c = self._delta_grad(state, idx, g_c_x)
-        g_f = self._delta_grad(state, idx, vjp(l_f, leaf)) if need_f else torch.zeros_like(g_c)
+        x_adv, jac = self._map(state, idx, state["delta"][idx])  # the Adam-phase input and its Jacobian
+        g_c = self._delta_grad(g_c_x, jac)
+        g_f = self._delta_grad(vjp(l_f, leaf), jac) if need_f else torch.zeros_like(g_c)
         g_r = rectify(g_c, g_f if use_rd else None, self.K, self.rectify_magnitude)
         n_el = g_r[0].numel()
-        g = n_el * g_r + self._mse_grad(state, idx, state["delta"][idx])
+        g = n_el * g_r + self._mse_grad(state, idx, x_adv, jac)
 
         search = torch.zeros_like(keep)
         if self.keep_optimising_distortion:

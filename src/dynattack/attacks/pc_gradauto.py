@@ -72,11 +72,11 @@ class PointGradAuto(GradAuto):
         xyz = points[..., :3] + self.eps * t * real  # padding rows stay
         return torch.cat([xyz, points[..., 3:]], dim=-1), self.eps * (1 - t * t) * real
 
-    def _delta_grad(self, state, idx, g_x):
-        return g_x[..., :3] * self._map(state, idx, state["delta"][idx])[1]
+    def _delta_grad(self, g_x, jac):
+        return g_x[..., :3] * jac
 
-    def _mse_grad(self, state, idx, delta):
+    def _mse_grad(self, state, idx, x_adv, jac):
         """Closed-form gradient of ``sum(((xyz' - xyz) / eps) ** 2) = sum(tanh(delta) ** 2)``
         over the real points."""
-        t = torch.tanh(delta)
+        t = torch.tanh(state["delta"][idx])
         return 2 * t * (1 - t * t) * state["real"][idx]
