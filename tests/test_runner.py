@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dynattack import runner
+from dynattack import rundir, runner
 from dynattack.attacks import GradAuto
 from dynattack.errors import DynattackError
 from dynattack.runner import RunConfig
@@ -112,7 +112,7 @@ def test_resume_refuses_another_config(tmp_path, data):
 
 def test_full_disk_keeps_finished_batches(tmp_path, data, monkeypatch):
     model, full = run_full(tmp_path, data)
-    real_save = runner.save_file
+    real_save = rundir.save_file
     calls = {"n": 0}
 
     def save_until_full(tensors, path):
@@ -121,14 +121,14 @@ def test_full_disk_keeps_finished_batches(tmp_path, data, monkeypatch):
         calls["n"] += 1
         real_save(tensors, path)
 
-    monkeypatch.setattr(runner, "save_file", save_until_full)
+    monkeypatch.setattr(rundir, "save_file", save_until_full)
     part = tmp_path / "full-disk"
     model = ToyGated()
     with pytest.raises(DynattackError, match="No space left on device"):
         runner.run_attack(model, make_attack(model), config(), *data, part, progress=False)
     assert len(runner.read_records(part)) == 2 * BS
     assert not list((part / "adv").glob(".*.tmp"))
-    monkeypatch.setattr(runner, "save_file", real_save)
+    monkeypatch.setattr(rundir, "save_file", real_save)
     runner.run_attack(model, make_attack(model), config(), *data, part, resume=True, progress=False)
     assert_same_run(full, part)
 

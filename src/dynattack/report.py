@@ -52,7 +52,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .errors import DynattackError
-from .runner import load_config, read_records, write_atomic
+from .rundir import load_config, read_records, write_atomic
 
 __all__ = ["write_report", "FIGURES"]
 
