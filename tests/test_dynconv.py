@@ -33,7 +33,16 @@ from dynattack.models.dynconv import (
     sparse_conv3x3,
     _channels_last_padded,
 )
-from model_helpers import RandomStateDict, assert_decisions_batch_independent, assert_flops_equal_real_execution, hard_run, randomise_bn
+from model_helpers import (
+    RandomStateDict,
+    assert_clear_of_threshold,
+    assert_decisions_batch_independent,
+    assert_flops_equal_real_execution,
+    assert_logits_close,
+    calibrate_bn,
+    hard_run,
+    split_at_gap,
+)
 
 FMNIST = {"in_channels": 1, "num_classes": 10, "input_size": 28, "mean": (0.2860,), "std": (0.3530,)}
 
@@ -47,14 +56,15 @@ def one_thread():
 
 
 def centre_masks(model, x: torch.Tensor) -> None:
-    """Shift each mask unit's bias (block by block, in forward order) so its logits sit at the
-    batch median: about half the positions of every block are kept, the rest skipped."""
+    """Shift each mask unit's bias (block by block, in forward order) so its threshold falls in
+    the widest gap between the batch's logits near their median: about half the positions of
+    every block are kept, the rest skipped, none within rounding of the threshold."""
     with torch.no_grad():
         for block in model.blocks:
             with Trace() as trace:
                 model(x)
             q = next(e.logit for e in trace if e.name == block.mask_gate.name)
-            block.masker.maskconv.fc.bias -= q.median() + 1e-3
+            block.masker.maskconv.fc.bias -= split_at_gap(q)
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,8 +72,8 @@ def _small(depth: int, seed: int, batch: int):
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = dynconv_cifar(depth, **FMNIST).eval()
-    randomise_bn(model, gen)
     x = torch.rand(batch, 1, 28, 28, generator=gen) * torch.linspace(0.2, 1.0, batch).view(-1, 1, 1, 1)
+    calibrate_bn(model, x, gen)
     centre_masks(model, x)
     return model, x
 
@@ -89,7 +99,7 @@ def test_box_and_gathered_conv_against_dense_ops():
         h, w = dense.shape[2:]
         on = torch.rand(dense.shape[0], h, w, generator=gen) > 0.5
         rows = sparse_conv3x3(_channels_last_padded(x), conv, on.reshape(-1).nonzero().squeeze(1), h, w, 11, 10)
-        torch.testing.assert_close(rows, dense.permute(0, 2, 3, 1)[on], atol=1e-5, rtol=1e-5)
+        assert_logits_close(rows, dense.permute(0, 2, 3, 1)[on])
 
 
 def test_gates_units_and_costs():
@@ -136,20 +146,21 @@ def test_executed_flops_equal_flop_counter_on_real_execution():
 def test_masked_and_real_execution_give_the_same_logits():
     model, x = small_dynconv()
     logits, trace = hard_run(model, x)
+    assert_clear_of_threshold(trace)
     with torch.no_grad(), Trace() as real:
         out = model.forward_conditional(x)
     assert torch.equal(real.flat("decision"), trace.flat("decision"))
-    torch.testing.assert_close(out, logits, atol=1e-5, rtol=1e-5)
+    assert_logits_close(out, logits)
     for i in range(len(x)):
         with torch.no_grad():
-            torch.testing.assert_close(model.forward_conditional(x[i:i + 1]), logits[i:i + 1], atol=1e-5, rtol=1e-5)
+            assert_logits_close(model.forward_conditional(x[i:i + 1]), logits[i:i + 1])
     # in train mode (Gumbel straight-through, hard forward) the two paths agree as well
     with torch.no_grad(), gate_mode(model, "train"):
         torch.manual_seed(3)
         a = model(x)
         torch.manual_seed(3)
         b = model.forward_conditional(x)
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert_logits_close(a, b)
 
 
 def test_decisions_do_not_depend_on_the_rest_of_the_batch():
@@ -187,14 +198,18 @@ def official_state_dict(n: int, seed: int = 0, in_channels: int = 3, num_classes
     return dict(sd)
 
 
-def official_forward(sd: dict, x: torch.Tensor, n: int):
+def official_forward(sd: dict, x: torch.Tensor, n: int, calibrate: bool = False):
     """The official sparse ResNet_32x32 forward in eval mode, on an official state_dict, with
-    functional ops; ``x`` already normalised. Returns (logits, [(mask, dilated mask)] per block)."""
+    functional ops; ``x`` already normalised. Returns (logits, [(mask, dilated mask)] per block).
+    ``calibrate``: every position runs and each BN stores the statistics of its input on ``x``
+    into ``sd``."""
 
     def conv(name, h, stride=1, pad=1):
         return F.conv2d(h, sd[name + ".weight"], sd.get(name + ".bias"), stride, pad)
 
     def bn(name, h):
+        if calibrate:  # store the batch statistics this BN normalises by
+            sd[name + ".running_mean"], sd[name + ".running_var"] = h.mean((0, 2, 3)), h.var((0, 2, 3), unbiased=False)
         return F.batch_norm(h, sd[name + ".running_mean"], sd[name + ".running_var"], sd[name + ".weight"],
                             sd[name + ".bias"], False, 0.0, 1e-5)
 
@@ -211,6 +226,7 @@ def official_forward(sd: dict, x: torch.Tensor, n: int):
                 z = conv(name + ".masker.maskconv.conv", x, stride)
                 y = F.linear(x.mean((2, 3)), sd[name + ".masker.maskconv.fc.weight"], sd[name + ".masker.maskconv.fc.bias"])
                 hard = ((z + y.view(-1, 1, 1, 1)) >= 0).float()
+                hard = torch.ones_like(hard) if calibrate else hard
                 dilate = F.conv2d(hard, torch.ones(1, 1, 3, 3), padding=1) > 0.5  # ExpandMask, stride 1
                 masks.append((hard[:, 0].bool(), dilate[:, 0]))
                 h = F.relu(bn(name + ".bn1", conv(name + ".conv1", x, stride)))
@@ -226,6 +242,7 @@ def test_official_checkpoint_gives_official_outputs(tmp_path):
     gen = torch.Generator().manual_seed(1)
     x = torch.rand(4, 3, 32, 32, generator=gen)
     mean, std = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1), torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    official_forward(sd, (x - mean) / std, n, calibrate=True)
     ref_logits, ref_masks = official_forward(sd, (x - mean) / std, n)
     rates = torch.stack([m.float().mean() for m, _ in ref_masks])
     assert ((rates > 0) & (rates < 1)).any(), "the test batch must mix kept and skipped positions"
@@ -238,12 +255,13 @@ def test_official_checkpoint_gives_official_outputs(tmp_path):
     model = dynconv_cifar(14).eval()  # CIFAR statistics and size by default
     load_weights(model, path)
     logits, trace = hard_run(model, x)
+    assert_clear_of_threshold(trace)
     decisions = [(m.decision, d.decision) for m, d in zip(trace.events[0::2], trace.events[1::2])]
     for (m, d), (rm, rd) in zip(decisions, ref_masks):
         assert torch.equal(m, rm) and torch.equal(d, rd)
-    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    assert_logits_close(logits, ref_logits)
     with torch.no_grad():
-        torch.testing.assert_close(model.forward_conditional(x), ref_logits, atol=1e-5, rtol=1e-5)
+        assert_logits_close(model.forward_conditional(x), ref_logits)
 
     # the same tensors under our native layout load strictly and give the same outputs
     twin = dynconv_cifar(14).eval()
@@ -272,8 +290,8 @@ def tiny_dynconv():
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     model = dynconv_cifar(8, in_channels=1, input_size=8, mean=(0.5,), std=(0.5,), widths=(2, 3, 4)).double().eval()
-    randomise_bn(model, gen)
     x = torch.rand(2, 1, 8, 8, generator=gen, dtype=torch.float64)
+    calibrate_bn(model, x, gen)
     centre_masks(model, x)
     return model, x
 
@@ -410,14 +428,14 @@ def test_all_on_dynconv_is_the_static_resnet_it_can_start_from(tmp_path):
 
     torch.manual_seed(0)
     static = ResNet(14, **FMNIST).eval()
-    randomise_bn(static, torch.Generator().manual_seed(0))
+    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    calibrate_bn(static, x, torch.Generator().manual_seed(0))
     model = dynconv_cifar(14, **FMNIST).eval()
     missing, unexpected = model.load_state_dict(static_backbone(model, static.state_dict()), strict=False)
     assert not unexpected and missing and all(".masker." in k for k in missing)
-    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), gate_mode(model, "hard", force="on"):
-        torch.testing.assert_close(model(x), static(x), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(model.forward_conditional(x), static(x), atol=1e-5, rtol=1e-5)
+        assert_logits_close(model(x), static(x))
+        assert_logits_close(model.forward_conditional(x), static(x))
 
 
 def test_training_smoke_run_writes_weights_and_card(tmp_path, fashion_mnist_available):

@@ -23,7 +23,7 @@ from dynattack.errors import DynattackError
 from dynattack.gates import Trace, gate_mode, iter_gates
 from dynattack.models import get_spec, load_weights
 from dynattack.models.skipnet import CIFAR10_MEAN, CIFAR10_STD, skipnet_cifar, skipnet_imagenet
-from model_helpers import RandomStateDict, randomise_bn
+from model_helpers import RandomStateDict, assert_clear_of_threshold, assert_logits_close, calibrate_bn, split_at_gap
 
 FMNIST = {"in_channels": 1, "num_classes": 10, "input_size": 28, "mean": (0.2860,), "std": (0.3530,)}
 GATES = ["rnn", "ffgate1", "ffgate2"]
@@ -40,7 +40,8 @@ def gate_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def diversify(model, x: torch.Tensor) -> None:
-    """Centre the gate logits on the batch median so some samples run a block and others skip it."""
+    """Centre the gate logits on the batch median so some samples run a block and others skip
+    it, with no logit within rounding of the threshold."""
     with torch.no_grad():
         if model.gate_type == "rnn":
             # one bias is shared by all RNN gates: amplify how much the embeddings differ between
@@ -49,19 +50,20 @@ def diversify(model, x: torch.Tensor) -> None:
                 if source is not None:
                     getattr(model, source)[1].weight.mul_(10.0)
 
-            def mixed(bias):
+            def mixed(bias):  # blocks with mixed decisions, then the logits' distance from 0
                 model.control.proj.bias.fill_(bias)
-                rate = gate_logits(model, x)[2].float().mean(0)
-                return int(((rate > 0) & (rate < 1)).sum())
+                _, q, decisions = gate_logits(model, x)
+                rate = decisions.float().mean(0)
+                return int(((rate > 0) & (rate < 1)).sum()), q.abs().min().item()
 
-            model.control.proj.bias.fill_(max(torch.linspace(-3, 3, 25).tolist(), key=mixed))
+            model.control.proj.bias.fill_(max(torch.linspace(-3, 3, 61).tolist(), key=mixed))
             return
         for k, (_, _, source) in enumerate(model.layout):  # one FF gate at a time, in forward order
             if source is None:
                 continue
             _, q, _ = gate_logits(model, x)
             column = [n for n, _, s in model.layout if s is not None].index(model.layout[k][0])
-            getattr(model, source).linear_layer.bias[1] -= q[:, column].median() + 1e-3
+            getattr(model, source).linear_layer.bias[1] -= split_at_gap(q[:, column])
 
 
 def small_skipnet(gate: str, seed: int = 0, batch: int = 12):
@@ -75,9 +77,9 @@ def _small_skipnet(gate: str, seed: int, batch: int):
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = skipnet_cifar(14, gate=gate, **FMNIST).eval()
-    randomise_bn(model, gen)
     # images with different brightness and texture: their gate features differ
     x = torch.rand(batch, 1, 28, 28, generator=gen) * torch.linspace(0.1, 1.0, batch).view(-1, 1, 1, 1)
+    calibrate_bn(model, x, gen)
     diversify(model, x)
     return model, x
 
@@ -134,15 +136,18 @@ def official_state_dict(n: int, gate: str, seed: int = 0, in_channels: int = 3, 
     return dict(sd)
 
 
-def official_forward(sd: dict, x: torch.Tensor, n: int, gate: str):
+def official_forward(sd: dict, x: torch.Tensor, n: int, gate: str, calibrate: bool = False):
     """The official SkipNet forward (eval mode), written with functional ops on the official
     state_dict; ``x`` is already normalised as the official loaders do. Returns (logits,
-    decisions (B, gated blocks), execute probabilities (B, gated blocks))."""
+    decisions (B, gated blocks), execute probabilities (B, gated blocks)). ``calibrate``: every
+    block runs and each BN stores the statistics of its input on ``x`` into ``sd``."""
 
     def conv(name, h, stride=1, pad=1):
         return F.conv2d(h, sd[name + ".weight"], sd.get(name + ".bias"), stride, pad)
 
     def bn(name, h):
+        if calibrate:  # store the batch statistics this BN normalises by
+            sd[name + ".running_mean"], sd[name + ".running_var"] = h.mean((0, 2, 3)), h.var((0, 2, 3), unbiased=False)
         return F.batch_norm(h, sd[name + ".running_mean"], sd[name + ".running_var"], sd[name + ".weight"],
                             sd[name + ".bias"], False, 0.0, 1e-5)
 
@@ -179,7 +184,7 @@ def official_forward(sd: dict, x: torch.Tensor, n: int, gate: str):
         prev, decisions, probs = x, [], []
         for g in range(1, 4):
             for i in range(int(g == 1), n):
-                mask = (prob > 0.5).float().view(-1, 1, 1, 1)
+                mask = (torch.ones_like(prob) if calibrate else (prob > 0.5).float()).view(-1, 1, 1, 1)
                 decisions.append(mask.view(-1).bool())
                 probs.append(prob)
                 stride = 2 if (g > 1 and i == 0) else 1
@@ -198,17 +203,17 @@ def save_official(sd: dict, path) -> None:
 
 
 def centre_official_gates(sd: dict, x: torch.Tensor, n: int, gate: str) -> None:
-    """Shift the official gate biases so each gate's logit sits at its batch median: some samples
-    run each block, others skip it."""
+    """Shift the official gate biases so each gate's threshold sits in the widest gap between its
+    batch's logits near the median: some samples run each block, others skip it, none on a tie."""
     if gate == "rnn":
         probs = official_forward(sd, x, n, gate)[2]
-        sd["control.proj.bias"] = sd["control.proj.bias"] - torch.logit(probs.double()).median().float()
+        sd["control.proj.bias"] = sd["control.proj.bias"] - split_at_gap(torch.logit(probs.double()))
         return
     names = [f"group{g}_gate{i}" for g in range(1, 4) for i in range(n)][:-1]
     for k, name in enumerate(names):
         probs = official_forward(sd, x, n, gate)[2]
         bias = sd[name + ".linear_layer.bias"].clone()
-        bias[1] -= torch.logit(probs[:, k].double()).median().float() + 1e-3
+        bias[1] -= split_at_gap(torch.logit(probs[:, k].double()))
         sd[name + ".linear_layer.bias"] = bias
 
 
@@ -219,6 +224,7 @@ def test_official_checkpoint_gives_official_outputs(gate, tmp_path):
     gen = torch.Generator().manual_seed(1)
     x = torch.rand(10, 3, 32, 32, generator=gen) * torch.linspace(0.2, 1.0, 10).view(-1, 1, 1, 1)
     mean, std = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1), torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    official_forward(sd, (x - mean) / std, n, gate, calibrate=True)
     centre_official_gates(sd, (x - mean) / std, n, gate)
     ref_logits, ref_decisions, _ = official_forward(sd, (x - mean) / std, n, gate)
     assert 0 < ref_decisions.float().mean() < 1, "the test batch must mix run and skipped blocks"
@@ -227,9 +233,10 @@ def test_official_checkpoint_gives_official_outputs(gate, tmp_path):
     save_official(sd, path)
     model = skipnet_cifar(14, gate=gate, input_size=32).eval()  # CIFAR statistics by default
     load_weights(model, path)
-    logits, _, decisions = gate_logits(model, x)
+    logits, q, decisions = gate_logits(model, x)
+    assert_clear_of_threshold(q)
     assert torch.equal(decisions, ref_decisions)
-    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    assert_logits_close(logits, ref_logits)
 
     # the same tensors under our native names load strictly and give the same outputs
     native = {k: v for k, v in sd.items() if ".downsample." not in k and not k.startswith("group3_gate1.")}
@@ -264,17 +271,18 @@ def test_mismatched_official_checkpoint_lists_keys(tmp_path):
 @pytest.mark.parametrize("gate", GATES)
 def test_real_skipping_matches_masked_path(gate):
     model, x = small_skipnet(gate)
-    logits, _, decisions = gate_logits(model, x)
+    logits, q, decisions = gate_logits(model, x)
+    assert_clear_of_threshold(q)
     per_block = decisions.float().mean(0)
     assert ((per_block > 0) & (per_block < 1)).any(), "some block must run for some samples only"
     assert decisions.float().sum(1).unique().numel() > 1, "samples must run different numbers of blocks"
     with torch.no_grad(), Trace() as trace:
         skipped = model.forward_conditional(x)
     assert torch.equal(trace.flat("decision"), decisions)
-    torch.testing.assert_close(skipped, logits, atol=1e-5, rtol=1e-5)
+    assert_logits_close(skipped, logits)
     for i in range(len(x)):  # batch 1: blocks are simply not run
         with torch.no_grad():
-            torch.testing.assert_close(model.forward_conditional(x[i:i + 1]), logits[i:i + 1], atol=1e-5, rtol=1e-5)
+            assert_logits_close(model.forward_conditional(x[i:i + 1]), logits[i:i + 1])
 
 
 def test_forced_gates_and_gate_api():
@@ -297,6 +305,7 @@ def test_executed_flops_equal_flop_counter_on_real_skipping(gate):
     prof = cost.calibrate(model, model.input_shape)
     with torch.no_grad(), Trace() as trace:
         model(x)
+    assert_clear_of_threshold(trace)
     flops = cost.executed_flops(model, trace)
     assert flops.unique().numel() > 1
     for i in range(len(x)):
@@ -323,12 +332,13 @@ def test_executed_flops_equal_flop_counter_on_real_skipping(gate):
 def test_decisions_do_not_depend_on_the_rest_of_the_batch(gate):
     model, x = small_skipnet(gate)
     _, q, decisions = gate_logits(model, x)
+    assert_clear_of_threshold(q)
     others = torch.rand(5, *x.shape[1:], generator=torch.Generator().manual_seed(7))
     for i in range(len(x)):
         _, q_alone, alone = gate_logits(model, x[i:i + 1])
         _, q_mixed, mixed = gate_logits(model, torch.cat([others, x[i:i + 1]]))
         assert torch.equal(alone[0], decisions[i]) and torch.equal(mixed[-1], decisions[i])
-        torch.testing.assert_close(q_alone[0], q[i], atol=1e-5, rtol=1e-5)
+        assert_logits_close(q_alone[0], q[i])
 
 
 # -- ImageNet layouts -------------------------------------------------------------------------
