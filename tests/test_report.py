@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dynattack import report
+from dynattack.report import figures as report_figures
 from dynattack.errors import DynattackError
 from dynattack.report import write_report
 
@@ -107,8 +107,8 @@ def smaller_grids():
     """Fewer samples per grid keep the tests fast on a busy 2-core machine; the drawing paths are the same
     (the energy history still has more than 10 gates: the colour-bar path)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(report, "N_IMAGE_SAMPLES", 4)
-        mp.setattr(report, "N_HISTORY_SAMPLES", 3)
+        mp.setattr(report_figures, "N_IMAGE_SAMPLES", 4)
+        mp.setattr(report_figures, "N_HISTORY_SAMPLES", 3)
         yield
 
 
