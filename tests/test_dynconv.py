@@ -47,14 +47,6 @@ from model_helpers import (
 FMNIST = {"in_channels": 1, "num_classes": 10, "input_size": 28, "mean": (0.2860,), "std": (0.3530,)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def centre_masks(model, x: torch.Tensor) -> None:
     """Shift each mask unit's bias (block by block, in forward order) so its threshold falls in
     the widest gap between the batch's logits near their median: about half the positions of

@@ -36,14 +36,6 @@ from model_helpers import (
 FMNIST = {"in_channels": 1, "num_classes": 10, "input_size": 28, "mean": (0.2860,), "std": (0.3530,)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def calibrate(model, x: torch.Tensor, gen: torch.Generator) -> None:
     """BN statistics from ``x``, and saliencies at the scale of a trained model: a block's output
     channels are multiplied by their saliency, so random-init saliencies of size ~10 would grow

@@ -42,14 +42,6 @@ FMNIST = {"in_channels": 1, "num_classes": 10, "input_size": 28, "mean": (0.2860
 MARGIN = 2e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run_event(trace: Trace, unit):
     return next(e for e in trace if e.name == unit.run_gate.name)
 
