@@ -6,6 +6,7 @@ import json
 import math
 import re
 import shutil
+from html.parser import HTMLParser
 from pathlib import Path
 
 import matplotlib.image
@@ -20,6 +21,7 @@ from dynattack.report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ROOM_CLASSES = ("floor", "wall", "door", "table", "chair", "cabinet", "bed", "sofa")  # unet3d-rooms' classes
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 
 
@@ -102,6 +104,24 @@ def make_run(root: Path, kind: str, n: int = 12, batch_size: int = 6, channels: 
     return run
 
 
+def make_point_run(root: Path) -> Path:
+    """A segmentation run as runner.summarize_points writes it: point clouds in the shards, per-class IoU
+    as {class: IoU} dicts in summary.json (null for a class absent everywhere), long full-precision floats."""
+    run = make_run(root, "static", n=2, batch_size=2)
+    g = torch.Generator().manual_seed(3)
+    pts = torch.rand(2, 300, 3, generator=g)
+    save_file({"adv": pts + 0.01, "clean": pts, "index": torch.arange(2)}, str(run / "adv" / "batch_00000.safetensors"))
+    iou_clean = dict(zip(ROOM_CLASSES, torch.rand(len(ROOM_CLASSES), generator=g, dtype=torch.float64).tolist()))
+    iou_adv = {c: v * 0.7 for c, v in iou_clean.items()}
+    iou_clean["sofa"] = iou_adv["sofa"] = None
+    iou_adv["bed"] = 0.0
+    summary = json.loads((run / "summary.json").read_text())
+    summary.update(victim="unet3d-rooms", attack="pc-gradauto", miou_clean=0.29308214947498457,
+                   miou_adv=0.1221, flops_increase_pct=5.976, iou_per_class_clean=iou_clean, iou_per_class_adv=iou_adv)
+    (run / "summary.json").write_text(json.dumps(summary, indent=2))
+    return run
+
+
 @pytest.fixture(scope="module", autouse=True)
 def smaller_grids():
     """Fewer samples per grid keep the tests fast on a busy 2-core machine; the drawing paths are the same
@@ -126,6 +146,40 @@ def reports(runs):
 
 
 # ----------------------------------------------------------------------------- checks
+
+
+class _Tables(HTMLParser):
+    """class attribute of each <table> -> its rows, each a list of cell texts (th and td)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables: dict[str, list[list[str]]] = {}
+        self._rows = self._cell = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self._rows = self.tables.setdefault(dict(attrs).get("class", ""), [])
+        elif tag == "tr" and self._rows is not None:
+            self._rows.append([])
+        elif tag in ("th", "td") and self._rows is not None:
+            self._cell = []
+
+    def handle_endtag(self, tag):
+        if tag in ("th", "td") and self._cell is not None:
+            self._rows[-1].append(" ".join("".join(self._cell).split()))
+            self._cell = None
+        elif tag == "table":
+            self._rows = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def html_tables(html: str) -> dict[str, list[list[str]]]:
+    parser = _Tables()
+    parser.feed(html)
+    return parser.tables
 
 
 def referenced(html: str) -> list[str]:
@@ -208,6 +262,25 @@ def test_points_scatter(tmp_path):
     assert "points" in figs and "images" not in figs
 
 
+def test_point_run_per_class_iou_is_its_own_table(tmp_path):
+    run = make_point_run(tmp_path)
+    html, figs = check_report(run)
+    assert "points" in figs
+    summary = json.loads((run / "summary.json").read_text())
+    tables = html_tables(html)
+    # the summary table holds one short figure per row: no dict, no class name, no 17-digit float
+    for row in tables["summary"]:
+        value = row[1]
+        assert len(value) <= 30 and "{" not in value and not set(value.split()) & set(ROOM_CLASSES), row
+    assert ["FLOPs increase", "5.98 %"] == tables["summary"][[r[0] for r in tables["summary"]].index("FLOPs increase")][:2]
+    # per-class IoU: a header and one row per class, in summary.json's order, 3 decimals, null -> n/a
+    shown = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    expected = [[c, shown(summary["iou_per_class_clean"][c]), shown(summary["iou_per_class_adv"][c])]
+                for c in summary["iou_per_class_clean"]]
+    assert tables["iou"] == [["class", "clean", "adversarial"], *expected]
+    assert ["bed", shown(summary["iou_per_class_clean"]["bed"]), "0.000"] in tables["iou"]
+
+
 def test_bad_run_dirs(tmp_path):
     with pytest.raises(DynattackError, match="no such run directory"):
         write_report(tmp_path / "nope")
@@ -230,3 +303,19 @@ def test_render_with_chromium(runs, reports, tmp_path):
     assert out.read_bytes()[:8] == PNG_MAGIC
     img = matplotlib.image.imread(out)
     assert img.shape[:2] == (1600, 1280) and img[..., :3].std() > 0.05
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_point_report_fits_1280_px(tmp_path):
+    """At 1280 px the page's right padding stays blank: no table pushes its columns past the edge
+    (the per-class IoU dicts on one line used to push the summary's Meaning column off the page)."""
+    spec = importlib.util.spec_from_file_location("render_report", ROOT / "bench" / "render_report.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run = make_point_run(tmp_path)
+    out = bench.render(run, tmp_path / "shot.png", width=1280, height=2000, rewrite=True)
+    img = matplotlib.image.imread(out)[..., :3]
+    assert img.shape[:2] == (2000, 1280)
+    right = img[:, -16:]  # inside main's 28 px right padding
+    inked = np.nonzero(right.min(axis=(1, 2)) < 0.9)[0]
+    assert not len(inked), f"{len(inked)} rows have ink in the right 16 px, from y = {inked[0]}"

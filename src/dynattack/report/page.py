@@ -13,7 +13,7 @@ from .run import Run
 N_TABLE_ROWS = 20  # rows of the per-sample table
 
 # Summary rows: key -> (label, unit kind, meaning). Kinds: text, int, pct (fraction 0-1 shown in %),
-# pct100 (already in %), mflops, db, ms, float, seconds.
+# pct100 (already in %), mflops, db, ms, iou, float, seconds.
 SUMMARY_ROWS = {
     "victim": ("Victim", "text", "model attacked"),
     "attack": ("Attack", "text", "attack name"),
@@ -30,14 +30,17 @@ SUMMARY_ROWS = {
     "linf": ("L∞ distortion", "linf", "mean per sample"),
     "l2": ("L2 distortion", "float", "mean per sample"),
     "arch_change_pct": ("Architecture change", "pct100", "differing gate decisions over correctly classified samples"),
-    "miou_clean": ("mIoU, clean", "float", "segmentation"),
-    "miou_adv": ("mIoU, adversarial", "float", "segmentation"),
+    "miou_clean": ("mIoU, clean", "iou", "segmentation: mean over classes of the IoU pooled over all points"),
+    "miou_adv": ("mIoU, adversarial", "iou", "segmentation: mean over classes of the IoU pooled over all points"),
+    "flops_increase_pct": ("FLOPs increase", "pct100", "ΣF_adv / ΣF_clean − 1 (point clouds)"),
     "latency_clean_ms": ("Latency, clean", "ms", "batch 1, real conditional execution"),
     "latency_adv_ms": ("Latency, adversarial", "ms", "batch 1, real conditional execution"),
     "latency_full_ms": ("Latency, all gates on", "ms", "batch 1, every gate forced on"),
     "iterations_mean": ("Iterations", "float1", "mean attack iterations per sample"),
     "seconds": ("Wall time", "seconds", "whole run"),
 }
+# summary.json's {class: IoU} dicts of a segmentation run -> their column in the per-class IoU table
+PER_CLASS_IOU = {"iou_per_class_clean": "clean", "iou_per_class_adv": "adversarial"}
 
 
 SECTIONS = (
@@ -52,6 +55,8 @@ SECTIONS = (
 def _fmt(kind: str, v) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "n/a"
+    if isinstance(v, (dict, list)):  # a figure the page does not know: compact, in a wrapped cell
+        return json.dumps(v, separators=(", ", ": "))
     if kind == "text" or not isinstance(v, (int, float)) or isinstance(v, bool):
         return str(v)
     if kind == "int":
@@ -72,6 +77,8 @@ def _fmt(kind: str, v) -> str:
         return f"{v:.1f} s" if v < 120 else f"{v:.1f} s ({datetime.timedelta(seconds=round(v))})"
     if kind == "float1":
         return f"{v:.1f}"
+    if kind == "iou":
+        return f"{v:.3f}"
     return f"{v:.4g}"
 
 
@@ -79,14 +86,16 @@ def _summary_table(run: Run) -> str:
     if run.summary is None:
         return "<p class='note'>No summary.json yet: the run has not finished.</p>"
     rows = []
-    keys = list(SUMMARY_ROWS) + [k for k in run.summary if k not in SUMMARY_ROWS]
+    per_class = _per_class_iou(run)
+    keys = list(SUMMARY_ROWS) + [k for k in run.summary if k not in SUMMARY_ROWS and k not in per_class]
     for key in keys:
         if key not in run.summary:
             continue
         label, kind, meaning = SUMMARY_ROWS.get(key, (key, "float", ""))
         v = run.summary[key]
         cls = " class='na'" if v is None else ""
-        rows.append(f"<tr{cls}><th>{html.escape(label)}</th><td class='num' title='{html.escape(repr(v))}'>"
+        cell = "long" if isinstance(v, (dict, list)) else "num"
+        rows.append(f"<tr{cls}><th>{html.escape(label)}</th><td class='{cell}' title='{html.escape(repr(v))}'>"
                     f"{html.escape(_fmt(kind, v))}</td><td class='meaning'>{html.escape(meaning)}"
                     f" <code>{html.escape(key)}</code></td></tr>")
     full, clean = run.value("flops_full"), run.value("flops_clean")
@@ -101,6 +110,30 @@ def _summary_table(run: Run) -> str:
                         f"(all gates on / misclassified) holds (from samples.jsonl, {len(succ)} samples)</td></tr>")
     return "<table class='summary'><thead><tr><th>Figure</th><th>Value</th><th>Meaning</th></tr></thead><tbody>" + \
         "".join(rows) + "</tbody></table>"
+
+
+def _per_class_iou(run: Run) -> dict[str, dict]:
+    """key -> {class: IoU} of the per-class IoU dicts in summary.json (segmentation runs)."""
+    summary = run.summary or {}
+    return {key: summary[key] for key in PER_CLASS_IOU if isinstance(summary.get(key), dict)}
+
+
+def _iou_table(run: Run) -> str:
+    """One row per class (classes in summary.json's order), clean and adversarial IoU side by side."""
+    per_class = _per_class_iou(run)
+    if not per_class:
+        return ""
+    classes = list(dict.fromkeys(c for ious in per_class.values() for c in ious))
+    head = "<th>class</th>" + "".join(f"<th>{html.escape(col)}</th>" for col in PER_CLASS_IOU.values())
+    body = "".join(
+        f"<tr><th>{html.escape(str(c))}</th>"
+        + "".join(f"<td class='num'>{html.escape(_fmt('iou', per_class.get(key, {}).get(c)))}</td>"
+                  for key in PER_CLASS_IOU)
+        + "</tr>" for c in classes)
+    keys = ", ".join(f"<code>{k}</code>" for k in PER_CLASS_IOU)
+    return (f"<h3>Per-class IoU</h3><table class='iou'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+            f"<p class='caption'>IoU of each class pooled over all points of all scenes ({keys}); n/a: a class "
+            "neither present nor predicted.</p>")
 
 
 def _headline(run: Run) -> str:
@@ -168,7 +201,12 @@ h1{font-size:26px;margin:0 0 4px} h2{font-size:20px;border-bottom:2px solid #e3e
 .card .big{font-size:24px;font-weight:600} .card .small{color:#555;font-size:13px}
 table{border-collapse:collapse;font-size:14px;margin:8px 0}
 th,td{padding:5px 10px;border-bottom:1px solid #e6e8eb;text-align:left;vertical-align:top}
-table.summary th{white-space:nowrap} table.config td{padding-right:28px} td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+h3{font-size:16px;margin:22px 0 4px}
+table.summary th{white-space:nowrap} table.config td{padding-right:28px;overflow-wrap:anywhere}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td.long{font-size:13px;max-width:520px;overflow-wrap:anywhere}
+table.iou td.num{min-width:90px}
+.caption{color:#444;font-size:13px;margin:2px 0 8px}
 td.meaning{color:#555;font-size:13px} tr.na td.num{color:#aaa} tr.derived th{font-style:italic}
 table.samples th{font-size:12px;background:#f4f5f7} table.samples td{font-size:13px}
 code{font-size:12px;color:#444}
@@ -190,7 +228,7 @@ def render_page(run: Run, figures: dict[str, str], skipped: dict[str, str]) -> s
              f"<p class='sub'>{html.escape(str(run.run_dir))} · {len(run.records)} finished samples · written "
              f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}</p>"]
     parts += [f"<p class='note'>{html.escape(n)}</p>" for n in run.notes]
-    parts += [_headline(run), "<h2>Summary</h2>", _summary_table(run)]
+    parts += [_headline(run), "<h2>Summary</h2>", _summary_table(run), _iou_table(run)]
     parts += ["<h2>Configuration</h2>", _config_table(cfg)]
     if run.summary is not None:
         parts.append("<details><summary>summary.json</summary><pre>"
