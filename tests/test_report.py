@@ -105,12 +105,21 @@ def make_run(root: Path, kind: str, n: int = 12, batch_size: int = 6, channels: 
 
 
 def make_point_run(root: Path) -> Path:
-    """A segmentation run as runner.summarize_points writes it: point clouds in the shards, per-class IoU
-    as {class: IoU} dicts in summary.json (null for a class absent everywhere), long full-precision floats."""
+    """A segmentation run as runner.summarize_points writes it: point clouds in the shards, per-scene mIoU
+    and point accuracy (no label, prediction or PSNR) in the records, voxel-occupancy gates in gates.json
+    but no per-gate execution in the records, per-class IoU as {class: IoU} dicts in summary.json (null for
+    a class absent everywhere), long full-precision floats."""
     run = make_run(root, "static", n=2, batch_size=2)
     g = torch.Generator().manual_seed(3)
     pts = torch.rand(2, 300, 3, generator=g)
     save_file({"adv": pts + 0.01, "clean": pts, "index": torch.arange(2)}, str(run / "adv" / "batch_00000.safetensors"))
+    (run / "gates.json").write_text(json.dumps([{"name": f"occupancy.s{s}", "tau": 0.5, "units": 100}
+                                                for s in (1, 2, 4, 8)]))
+    records = [{"index": i, "batch": 0, "batch_size": 2, "points": 300, "miou_clean": 0.4 - 0.1 * i,
+                "miou_adv": 0.3 - 0.1 * i, "acc_clean": 0.81234, "acc_adv": 0.5, "flops_full": 2e9,
+                "flops_clean": 0.9e9, "flops_adv": 0.95e9, "recovery": 4.5, "l2": 0.2, "linf": 0.01, "iterations": 3,
+                "success": False, "classes": list(ROOM_CLASSES)} for i in range(2)]
+    (run / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     iou_clean = dict(zip(ROOM_CLASSES, torch.rand(len(ROOM_CLASSES), generator=g, dtype=torch.float64).tolist()))
     iou_adv = {c: v * 0.7 for c, v in iou_clean.items()}
     iou_clean["sofa"] = iou_adv["sofa"] = None
@@ -279,6 +288,17 @@ def test_point_run_per_class_iou_is_its_own_table(tmp_path):
                 for c in summary["iou_per_class_clean"]]
     assert tables["iou"] == [["class", "clean", "adversarial"], *expected]
     assert ["bed", shown(summary["iou_per_class_clean"]["bed"]), "0.000"] in tables["iou"]
+    # the samples table: the columns the records hold (per-scene mIoU and point accuracy), no column of n/a
+    head, *rows = tables["samples"]
+    assert "label" not in head and "PSNR (dB)" not in head and "units changed" not in head
+    records = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    for row, r in zip(rows, records):
+        cell = dict(zip(head, row))
+        assert cell["mIoU clean"] == f"{r['miou_clean']:.3f}" and cell["mIoU adv"] == f"{r['miou_adv']:.3f}"
+        assert cell["point acc clean (%)"] == f"{100 * r['acc_clean']:.1f}"
+    assert not [c for c in zip(*rows) if set(c) == {"n/a"}]
+    # the victim has gates (gates.json): the missing execution rates are not blamed on a static network
+    assert "static network" not in html and "no per-gate execution" in html
 
 
 def test_bad_run_dirs(tmp_path):

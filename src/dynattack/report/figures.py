@@ -335,7 +335,9 @@ def fig_attack_stats(run: Run) -> tuple[Figure, str]:
 def fig_exec_rates(run: Run) -> tuple[Figure, str]:
     gc, ga = run.gate_matrix("gates_clean"), run.gate_matrix("gates_adv")
     if gc is None or ga is None:
-        raise Skip("the victim declares no gates (static network): no execution rate")
+        if not run.gates:
+            raise Skip("the victim declares no gates (static network): no execution rate")
+        raise Skip("samples.jsonl holds no per-gate execution (gates_clean / gates_adv): no execution rate")
     labels = run.column("label")
     if not np.isfinite(labels).any():
         raise Skip("the samples hold no labels")
@@ -418,6 +420,12 @@ def fig_images(run: Run) -> tuple[Figure, str]:
                  "is above each picture)." + note)
 
 
+def _outcome(record: dict, tag: str) -> str:
+    """What the victim made of one cloud: a segmentation's mIoU, else the predicted class."""
+    miou = record.get(f"miou_{tag}")
+    return f"mIoU {miou:.3f}" if isinstance(miou, (int, float)) else f"pred {record.get(f'{tag}_pred', '?')}"
+
+
 def fig_points(run: Run) -> tuple[Figure, str]:
     idx, clean, adv = load_inputs(run, 3)
     if clean.ndim != 3:
@@ -433,8 +441,8 @@ def fig_points(run: Run) -> tuple[Figure, str]:
         disp = np.linalg.norm(q - p, axis=1)
         r = run.record(idx[c]) or {}
         for col, (pts, title, colour) in enumerate((
-                (p, f"#{int(idx[c])} clean (pred {r.get('clean_pred', '?')})", p[:, 2]),
-                (q, f"adversarial (pred {r.get('adv_pred', '?')})", q[:, 2]),
+                (p, f"#{int(idx[c])} clean ({_outcome(r, 'clean')})", p[:, 2]),
+                (q, f"adversarial ({_outcome(r, 'adv')})", q[:, 2]),
                 (q, "displacement |Δp| (m)", disp))):
             ax = fig.add_subplot(k, 3, 3 * c + col + 1, projection="3d")
             sc = ax.scatter(pts[:, 0], pts[:, 1], pts[:, 2], c=colour, s=2, cmap="viridis" if col < 2 else "magma")

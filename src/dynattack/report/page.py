@@ -39,6 +39,16 @@ SUMMARY_ROWS = {
     "iterations_mean": ("Iterations", "float1", "mean attack iterations per sample"),
     "seconds": ("Wall time", "seconds", "whole run"),
 }
+# Per-sample table columns: record key, header, format ("mflops": FLOPs in M, "pct": fraction in %).
+SAMPLE_COLUMNS = (
+    ("index", "#", "{}"), ("label", "label", "{}"), ("clean_pred", "clean pred", "{}"), ("adv_pred", "adv pred", "{}"),
+    ("miou_clean", "mIoU clean", "{:.3f}"), ("miou_adv", "mIoU adv", "{:.3f}"),
+    ("acc_clean", "point acc clean (%)", "pct"), ("acc_adv", "point acc adv (%)", "pct"),
+    ("flops_clean", "FLOPs clean (M)", "mflops"), ("flops_adv", "FLOPs adv (M)", "mflops"),
+    ("recovery", "recovery (%)", "{:.1f}"), ("psnr", "PSNR (dB)", "{:.2f}"), ("linf", "L∞", "{:.4f}"),
+    ("l2", "L2", "{:.3f}"), ("iterations", "iterations", "{}"), ("units_changed", "units changed", "{}"),
+    ("success", "goal", "{}"),
+)
 # summary.json's {class: IoU} dicts of a segmentation run -> their column in the per-class IoU table
 PER_CLASS_IOU = {"iou_per_class_clean": "clean", "iou_per_class_adv": "adversarial"}
 
@@ -164,14 +174,12 @@ def _config_table(config: dict) -> str:
 def _sample_table(run: Run) -> str:
     if not run.records:
         return "<p class='note'>No finished sample.</p>"
-    cols = (("index", "#", "{}"), ("label", "label", "{}"), ("clean_pred", "clean pred", "{}"),
-            ("adv_pred", "adv pred", "{}"), ("flops_clean", "FLOPs clean (M)", "mflops"),
-            ("flops_adv", "FLOPs adv (M)", "mflops"), ("recovery", "recovery (%)", "{:.1f}"),
-            ("psnr", "PSNR (dB)", "{:.2f}"), ("linf", "L∞", "{:.4f}"), ("l2", "L2", "{:.3f}"),
-            ("iterations", "iterations", "{}"), ("units_changed", "units changed", "{}"), ("success", "goal", "{}"))
+    shown = run.records[:N_TABLE_ROWS]
+    # a column only when the records hold its key: classification and segmentation runs record different ones
+    cols = [c for c in SAMPLE_COLUMNS if any(c[0] in r for r in shown)]
     head = "".join(f"<th>{html.escape(c[1])}</th>" for c in cols)
     body = []
-    for r in run.records[:N_TABLE_ROWS]:
+    for r in shown:
         cells = []
         for key, _, fmt in cols:
             v = r.get(key)
@@ -179,6 +187,8 @@ def _sample_table(run: Run) -> str:
                 s = "∞" if key == "psnr" and r.get("l2") == 0 else "n/a"
             elif fmt == "mflops":
                 s = f"{v / 1e6:.3f}"
+            elif fmt == "pct":
+                s = f"{v * 100:.1f}"
             elif isinstance(v, bool):
                 s = "yes" if v else "no"
             else:
