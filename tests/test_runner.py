@@ -1,9 +1,11 @@
 """The runner: resume after a kill or a full disk, shards merged, all equal to one uninterrupted run."""
 import errno
 import json
+import shutil
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from dynattack import rundir, runner
@@ -110,25 +112,89 @@ def test_resume_refuses_another_config(tmp_path, data):
         runner.run_attack(model, make_attack(model), config(seed=4), *data, full, resume=True, progress=False)
 
 
-def test_full_disk_keeps_finished_batches(tmp_path, data, monkeypatch):
+DISK_FULL = [OSError(errno.ENOSPC, "No space left on device"),
+             # safetensors raises its own error type, not an OSError
+             SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")]
+
+
+@pytest.mark.parametrize("error", DISK_FULL, ids=["OSError", "SafetensorError"])
+def test_full_disk_keeps_finished_batches(tmp_path, data, monkeypatch, error):
     model, full = run_full(tmp_path, data)
     real_save = rundir.save_file
-    calls = {"n": 0}
 
     def save_until_full(tensors, path):
         if "batch_00002" in path:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        calls["n"] += 1
+            raise error
         real_save(tensors, path)
 
     monkeypatch.setattr(rundir, "save_file", save_until_full)
     part = tmp_path / "full-disk"
     model = ToyGated()
-    with pytest.raises(DynattackError, match="No space left on device"):
+    with pytest.raises(DynattackError, match="No space left on device") as exc:
         runner.run_attack(model, make_attack(model), config(), *data, part, progress=False)
+    assert "\n" not in str(exc.value)
     assert len(runner.read_records(part)) == 2 * BS
     assert not list((part / "adv").glob(".*.tmp"))
     monkeypatch.setattr(rundir, "save_file", real_save)
+    runner.run_attack(model, make_attack(model), config(), *data, part, resume=True, progress=False)
+    assert_same_run(full, part)
+
+
+def test_failed_append_is_cut_back(tmp_path, data, monkeypatch):
+    model, full = run_full(tmp_path, data)
+    before = (full / "samples.jsonl").read_bytes()
+    real_open = open
+
+    def open_that_fills(path, mode="r", *a, **kw):
+        f = real_open(path, mode, *a, **kw)
+        if "a" in mode:
+            def write(text):
+                f.buffer.write(text[:10].encode())  # part of the line reaches the disk, then it is full
+                f.buffer.flush()
+                raise OSError(errno.ENOSPC, "No space left on device")
+            f.write = write
+        return f
+
+    monkeypatch.setattr("builtins.open", open_that_fills)
+    with pytest.raises(DynattackError, match="No space left on device"):
+        rundir.append_lines(full / "samples.jsonl", [{"index": 99}])
+    monkeypatch.undo()
+    assert (full / "samples.jsonl").read_bytes() == before
+
+
+class FakeClock:
+    """perf_counter that advances one second per call: each batch is timed at exactly 1 s."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        self.now += 1.0
+        return self.now
+
+
+def test_resume_sums_the_attack_time_of_every_process(tmp_path, data, monkeypatch):
+    monkeypatch.setattr(runner, "time", FakeClock())
+    part = tmp_path / "killed"
+    model = ToyGated()
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_attack(model, KilledAfter(make_attack(model), 2), config(), *data, part, progress=False)
+    monkeypatch.setattr(runner, "time", FakeClock())  # a new process
+    runner.run_attack(model, make_attack(model), config(), *data, part, resume=True, progress=False)
+    s = runner.finish_run(model, part, data[0], latency_n=0, report=False)
+    assert s["seconds"] == 4.0  # 2 batches in the killed process + 2 in the resumed one, 1 s each
+    lines = [json.loads(line) for line in (part / "batches.jsonl").read_text().splitlines()]
+    assert [b["batch"] for b in lines] == [0, 1, 2, 3]
+    assert {b["threads"] for b in lines} == {torch.get_num_threads()}
+
+
+def test_resume_redoes_a_shard_that_does_not_hold_its_rows(tmp_path, data):
+    model, full = run_full(tmp_path, data)
+    part = tmp_path / "damaged"
+    shutil.copytree(full, part)
+    one, two = part / "adv" / "batch_00001.safetensors", part / "adv" / "batch_00002.safetensors"
+    one.write_bytes(one.read_bytes()[:-50])  # truncated by a full disk or a copy
+    shutil.copyfile(part / "adv" / "batch_00000.safetensors", two)  # loads, but holds another batch's rows
     runner.run_attack(model, make_attack(model), config(), *data, part, resume=True, progress=False)
     assert_same_run(full, part)
 
@@ -159,3 +225,60 @@ def test_summary_figures_match_records(tmp_path, data):
     _, adv_images = runner.load_adversarial(full)
     assert torch.allclose((adv_images - data[0]).abs().flatten(1).amax(1).double(),
                           torch.tensor([r["linf"] for r in recs], dtype=torch.float64), atol=1e-6)
+
+
+def test_merge_carries_history_and_attack_time(tmp_path, data):
+    model, full = run_full(tmp_path, data)
+    for i in range(2):
+        run_full(tmp_path, data, name=f"shard{i}", shard=(i, 2))
+    merged = runner.merge_runs([tmp_path / "shard0", tmp_path / "shard1"], tmp_path / "merged")
+    want, got = load_file(str(full / "history.safetensors")), load_file(str(merged / "history.safetensors"))
+    assert want.keys() == got.keys()
+    for k in want:  # bit for bit; NaN where a figure does not apply (angles of zero gradients)
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, equal_nan=True)
+    times = [json.loads(line)["seconds"] for i in range(2)
+             for line in (tmp_path / f"shard{i}" / "batches.jsonl").read_text().splitlines()]
+    assert len(times) == 4
+    s = runner.finish_run(model, merged, data[0], latency_n=0, report=False)
+    assert s["seconds"] == pytest.approx(sum(times))
+
+
+def test_merge_refuses_a_directory_of_another_run(tmp_path, data):
+    model, full = run_full(tmp_path, data)
+    for i in range(2):
+        run_full(tmp_path, data, name=f"shard{i}", shard=(i, 2))
+    shards = [tmp_path / "shard0", tmp_path / "shard1"]
+    other = tmp_path / "other"
+    runner.run_attack(model, make_attack(model), config(seed=4, n=N - 3), *data, other, progress=False)
+    before = {p.relative_to(other): p.read_bytes() for p in other.rglob("*") if p.is_file()}
+    with pytest.raises(DynattackError, match="not empty"):
+        runner.merge_runs(shards, other)
+    assert {p.relative_to(other): p.read_bytes() for p in other.rglob("*") if p.is_file()} == before
+    with pytest.raises(DynattackError, match="not empty"):
+        runner.merge_runs(shards, shards[0])  # a source itself
+
+
+def test_interrupted_merge_is_finished_by_the_same_merge_only(tmp_path, data, monkeypatch):
+    model, full = run_full(tmp_path, data)
+    for i in range(2):
+        run_full(tmp_path, data, name=f"shard{i}", shard=(i, 2))
+    shards = [tmp_path / "shard0", tmp_path / "shard1"]
+    real_copy, copies = runner.copy_atomic, []
+
+    def copy_then_die(src, dst):
+        if len(copies) == 2:
+            raise KeyboardInterrupt
+        copies.append(dst)
+        real_copy(src, dst)
+
+    monkeypatch.setattr(runner, "copy_atomic", copy_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        runner.merge_runs(shards, tmp_path / "merged")
+    monkeypatch.undo()
+    shutil.copytree(shards[1], tmp_path / "copy1")
+    with pytest.raises(DynattackError, match="other shards"):
+        runner.merge_runs([shards[0], tmp_path / "copy1"], tmp_path / "merged")
+    runner.merge_runs(shards, tmp_path / "merged")
+    assert_same_run(full, tmp_path / "merged")
+    runner.merge_runs(shards, tmp_path / "merged")  # the same merge again: nothing changes
+    assert_same_run(full, tmp_path / "merged")

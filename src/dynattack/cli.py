@@ -72,7 +72,8 @@ def train_cmd(
 @app.command("eval")
 def eval_cmd(
     name: str = typer.Argument(..., help="victim name from `dynattack models`"),
-    n: int = typer.Option(10000, "--n", help="number of test images (point victims: test rooms, at most 8 by default)"),
+    n: Optional[int] = typer.Option(None, "--n", help="number of test images (default: the whole test split; point "
+                                                      "victims: test rooms, of which the split holds 8)"),
     latency_n: int = typer.Option(50, "--latency-n", help="images timed one at a time for batch-1 latency"),
     weights: Optional[Path] = typer.Option(None, help="load these weights (safetensors or official .pth) instead"),
     data: Optional[Path] = DataOpt,
@@ -80,18 +81,21 @@ def eval_cmd(
 ) -> None:
     """Accuracy, mean executed FLOPs, compute kept vs all gates on, and real batch-1 latency."""
     from . import cost
-    from .data import load_dataset
-    from .models import create_model, get_spec
+    from .data.point_batch import POINT_DATASETS
+    from .models import get_spec
+    from .runner import _load_victim_and_data
     from .train.common import evaluate
 
-    if n <= 0 or latency_n < 0:
+    if (n is not None and n <= 0) or latency_n < 0:
         raise DynattackError("--n must be > 0 and --latency-n >= 0")
     dev = resolve_device(device)
-    model = create_model(name, weights=weights, device=dev)
-    if get_spec(name).dataset == "synthetic-rooms":
-        _eval_points(model, name, min(n, 8), latency_n)
+    dataset = get_spec(name).dataset
+    if dataset in POINT_DATASETS:
+        _eval_points(name, weights, dev, n, latency_n)
         return
-    x, y = load_dataset(get_spec(name).dataset, "test", data)[:2]
+    model, x, y = _load_victim_and_data(name, weights, data, dev, dataset)  # the test split, checked
+    if n is not None and n > len(y):
+        raise DynattackError(f"--n {n}: the {dataset} test split holds {len(y)} images")
     x, y = x[:n], y[:n]
     res = evaluate(model, x, y)
     rows = [("victim", name), ("images", f"{len(y)} (test split)"), ("accuracy", f"{100 * res['accuracy']:.2f} %"),
@@ -105,17 +109,24 @@ def eval_cmd(
     _print_table([("metric", "value")] + rows)
 
 
-def _eval_points(model, name: str, rooms: int, latency_n: int) -> None:
-    """`dynattack eval` of a point-cloud victim on the first ``rooms`` synthetic test rooms."""
+def _eval_points(name: str, weights, dev: str, rooms: int | None, latency_n: int) -> None:
+    """`dynattack eval` of a point-cloud victim on the first ``rooms`` synthetic test rooms (all by default)."""
     import torch
 
     from . import cost
+    from .data import check_labels
     from .data.point_batch import pack_clouds
-    from .data.points import synthetic_scenes
+    from .data.points import IGNORE_LABEL, SYNTHETIC_SPLIT_SIZES, synthetic_scenes
     from .gates import Trace, force_gates
+    from .models import create_model, victim_classes
     from .train.sparse_unet import DATA_SEED, evaluate_scenes
 
-    clouds = synthetic_scenes("test", rooms, DATA_SEED)
+    rooms = SYNTHETIC_SPLIT_SIZES["test"] if rooms is None else rooms
+    clouds = synthetic_scenes("test", rooms, DATA_SEED)  # refuses more rooms than the split holds
+    model = create_model(name, weights=weights, device=dev)
+    k = victim_classes(model, pack_clouds(clouds[:1]).points)
+    for i, cloud in enumerate(clouds):
+        check_labels(cloud.labels[None], k, f"synthetic test room {i} for {name}", ignore_index=IGNORE_LABEL)
     res = evaluate_scenes(model, clouds)
     dev = next(model.parameters()).device
     full = []

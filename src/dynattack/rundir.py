@@ -7,20 +7,29 @@ A run directory holds (DESIGN.md):
 - ``samples.jsonl`` one line per sample, appended batch by batch;
 - ``adv/batch_NNNNN.safetensors`` the adversarial inputs of each batch;
 - ``history.safetensors`` per-iteration figures of the first batch (energy attacks);
+- ``batches.jsonl`` one line per finished batch: its attack time and the torch thread count and
+                    device that ran it (kept apart from the records, which are bit-identical
+                    whatever process ran them); the summary's ``seconds`` is their sum;
+- ``merge.json``    (merged runs only) the sources of the merge, written first, so that an
+                    interrupted merge is recognised and finished, and nothing else is merged over;
 - ``summary.json``, ``gates.json``, ``report.html``, ``figures/``.
 
-Every file except samples.jsonl is written to a temporary name and renamed. A batch counts as
-done when its shard exists and all its sample lines are in samples.jsonl.
+Every file except the ``.jsonl`` ones is written to a temporary name and renamed; a failed append
+is cut back. A batch counts as done when its shard exists and all its sample lines are in
+samples.jsonl. A write that fails (full disk, read-only place) is one DynattackError.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import DynattackError
@@ -71,30 +80,77 @@ def batch_seed(seed: int, batch: int) -> int:
 # ----------------------------------------------------------------------------- files
 
 
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write to a temporary name, then rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
+def output_dir(out: str | Path) -> Path:
+    """``out`` as a run directory that can be written, checked before anything is loaded or run:
+    not empty text (that would be the current directory), not a file, not under a file, and a
+    file can be created there (read-only mounts, /proc). Creates nothing."""
+    if not str(out).strip():
+        raise DynattackError("--out is empty: name a run directory")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DynattackError(f"--out {out} is a file, not a directory")
+    place = out
+    while not place.exists():
+        place = place.parent
+    if not place.is_dir():
+        raise DynattackError(f"--out {out} is under {place}, which is a file")
     try:
+        fd, probe = tempfile.mkstemp(prefix=".dynattack-probe-", dir=place)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise DynattackError(f"--out {out}: cannot write in {place} ({exc.strerror or exc})") from None
+    return out
+
+
+@contextlib.contextmanager
+def writing(path: Path):
+    """A failed write (OSError, or safetensors' own error type) becomes one DynattackError."""
+    try:
+        yield
+    except (OSError, SafetensorError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        raise DynattackError(f"cannot write {path}: {reason}; finished batches are kept, "
+                             "free space (or choose another --out) and rerun with --resume") from None
+
+
+def make_dirs(*paths: Path) -> None:
+    for path in paths:
+        with writing(path):
+            path.mkdir(parents=True, exist_ok=True)
+
+
+def _replace_from_tmp(path: Path, write_tmp) -> None:
+    """``write_tmp(tmp)`` then rename: a reader never sees half a file; the tmp goes on failure."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with writing(path):
+        try:
+            write_tmp(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    def write(tmp):
         with open(tmp, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise DynattackError(f"cannot write {path}: {exc.strerror or exc}; finished batches are kept, "
-                             "free space and rerun with --resume") from None
+
+    _replace_from_tmp(path, write)
 
 
 def save_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise DynattackError(f"cannot write {path}: {exc.strerror or exc}; finished batches are kept, "
-                             "free space and rerun with --resume") from None
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    _replace_from_tmp(path, lambda tmp: save_file(tensors, str(tmp)))
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    import shutil
+
+    _replace_from_tmp(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def _json_value(v):
@@ -107,32 +163,46 @@ def _json_value(v):
 
 
 def append_lines(path: Path, records: list[dict]) -> None:
+    """Append one JSON line per record; a failed append is cut back to the lines before it."""
     text = "".join(json.dumps({k: _json_value(v) for k, v in r.items()}) + "\n" for r in records)
+    size = path.stat().st_size if path.exists() else 0
+    with writing(path):
+        try:
+            with open(path, "a") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.truncate(path, size)
+            raise
+
+
+def shard_path(run_dir: Path, batch: int) -> Path:
+    return Path(run_dir) / "adv" / f"batch_{batch:05d}.safetensors"
+
+
+def shard_holds(path: Path, indices: list[int]) -> bool:
+    """Whether the shard loads (its header covers the file) and holds exactly these samples'
+    inputs; reads the header and the index tensor only."""
     try:
-        with open(path, "a") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as exc:
-        raise DynattackError(f"cannot write {path}: {exc.strerror or exc}; finished batches are kept, "
-                             "free space and rerun with --resume") from None
+        with safe_open(str(path), "pt") as f:
+            if not {"adv", "clean", "index"} <= set(f.keys()):
+                return False
+            rows = [f.get_slice(k).get_shape()[:1] for k in ("adv", "clean")]
+            return rows == [[len(indices)]] * 2 and f.get_tensor("index").tolist() == list(indices)
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return False
 
 
 def read_records(run_dir: Path) -> list[dict]:
     """The complete batches' sample records (partial tails dropped), sorted by sample index."""
-    path = run_dir / "samples.jsonl"
-    if not path.exists():
-        return []
     by_batch: dict[int, list[dict]] = {}
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill
+    for rec in read_lines(run_dir / "samples.jsonl"):
         by_batch.setdefault(rec["batch"], []).append(rec)
     done = []
     for b, recs in by_batch.items():
-        if len(recs) == recs[0]["batch_size"] and (run_dir / "adv" / f"batch_{b:05d}.safetensors").exists():
+        if len(recs) == recs[0]["batch_size"] and shard_path(run_dir, b).exists():
             done.extend(recs)
     return sorted(done, key=lambda r: r["index"])
 
@@ -163,3 +233,21 @@ def load_adversarial(run_dir: Path, indices: list[int] | None = None) -> tuple[t
         keep = torch.isin(idx, torch.tensor(indices))
         idx, adv = idx[keep], adv[keep]
     return idx, adv
+
+
+def read_lines(path: Path) -> list[dict]:
+    """The whole JSON lines of a .jsonl file (a line cut by a kill is dropped)."""
+    out = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                out.append(json.loads(line))
+    return out
+
+
+def attack_seconds(run_dir: Path, records: list[dict]) -> float | None:
+    """Attack time of the finished batches summed over every process that ran them (resumed,
+    sharded, torchrun); the last time of a batch that was redone. None where none is recorded."""
+    done = {r["batch"] for r in records}
+    seconds = {b["batch"]: b["seconds"] for b in read_lines(Path(run_dir) / "batches.jsonl") if b["batch"] in done}
+    return sum(seconds.values()) if seconds else None

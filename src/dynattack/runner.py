@@ -6,10 +6,12 @@ A run directory holds (DESIGN.md):
                     batch size, seed, shard); ``--resume`` refuses a directory of another config;
 - ``samples.jsonl`` one line per sample, appended batch by batch;
 - ``adv/batch_NNNNN.safetensors`` the adversarial inputs of each batch;
+- ``batches.jsonl`` each finished batch's attack time, thread count and device;
 - ``summary.json``  the aggregate figures, written at the end.
 
 Its files and their atomic writes live in :mod:`dynattack.rundir`. Resume drops any partial
-tail and redoes only unfinished batches. Each batch is attacked with a seed derived from
+tail and redoes only unfinished batches (and those whose shard does not load or does not hold
+the batch's rows). Each batch is attacked with a seed derived from
 (run seed, batch index) alone, so a resumed, sharded or multi-process run gives bit-identical
 per-sample results and summary to one uninterrupted process (timings aside).
 """
@@ -18,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -28,8 +29,9 @@ from tqdm.auto import tqdm
 from . import cost, metrics
 from .errors import DynattackError
 from .gates import Trace
-from .rundir import (SUMMARY_KEYS, TIMING_KEYS, RunConfig, _json_value, append_lines, batch_seed,  # noqa: F401
-                     load_adversarial, load_config, read_records, save_shard, write_atomic)
+from .rundir import (SUMMARY_KEYS, TIMING_KEYS, RunConfig, _json_value, append_lines, attack_seconds,  # noqa: F401
+                     batch_seed, copy_atomic, load_adversarial, load_config, make_dirs, output_dir, read_lines,
+                     read_records, save_shard, shard_holds, shard_path, write_atomic)
 
 # ----------------------------------------------------------------------------- measuring
 
@@ -116,21 +118,31 @@ def summarize(records: list[dict], config: dict) -> dict:
 # ----------------------------------------------------------------------------- the run
 
 
+def check_resume(run_dir: Path, resume: bool) -> None:
+    """A directory that holds a run is only continued with --resume."""
+    if (run_dir / "config.json").exists() and not resume:
+        raise DynattackError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+
+
 def prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "adv").mkdir(exist_ok=True)
+    make_dirs(run_dir, run_dir / "adv")
+    check_resume(run_dir, resume)
     cfg_path = run_dir / "config.json"
     if cfg_path.exists():
-        if not resume:
-            raise DynattackError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
         if load_config(run_dir) != config.to_json():
             raise DynattackError(f"--resume: {run_dir} was written by another configuration (see its config.json)")
     else:
         write_atomic(cfg_path, json.dumps(config.to_json(), indent=2) + "\n")
-    # Drop lines of batches that were cut short, so appends continue a clean file.
+    # Keep the lines of batches that are done and whose shard holds their rows (a shard truncated
+    # by a full disk or a copy is redone), so appends continue a clean file.
     path = run_dir / "samples.jsonl"
     if path.exists():
         records = read_records(run_dir)
+        by_batch: dict[int, list[int]] = {}
+        for r in records:
+            by_batch.setdefault(r["batch"], []).append(r["index"])
+        bad = {b for b, indices in by_batch.items() if not shard_holds(shard_path(run_dir, b), indices)}
+        records = [r for r in records if r["batch"] not in bad]
         text = "".join(json.dumps(r) + "\n" for r in records)
         if text != path.read_text():
             write_atomic(path, text)
@@ -146,6 +158,7 @@ def run_attack(model, attack, config: RunConfig, images: torch.Tensor, labels: t
     device = next(model.parameters()).device
     bar = tqdm(pending, desc=f"{config.attack} on {config.victim}", unit="batch", disable=not progress)
     for b, start, stop in bar:
+        t0 = time.perf_counter()
         x = images[start:stop].to(device)
         y = labels[start:stop].to(device)
         attack.seed = batch_seed(config.seed, b)
@@ -154,17 +167,17 @@ def run_attack(model, attack, config: RunConfig, images: torch.Tensor, labels: t
         if res.history is not None:
             history = {k: v.double() if v.dtype != torch.bool else v for k, v in res.history.items()}
             save_shard(run_dir / "history.safetensors", {**history, "index": torch.arange(start, stop)})
-        save_shard(run_dir / "adv" / f"batch_{b:05d}.safetensors",
-                   {"adv": res.adv, "clean": x, "index": torch.arange(start, stop)})
+        save_shard(shard_path(run_dir, b), {"adv": res.adv, "clean": x, "index": torch.arange(start, stop)})
         records = point_sample_records if y.dim() > 1 else per_sample_records  # per-point labels: segmentation
         append_lines(run_dir / "samples.jsonl", records(model, config, b, start, x, y, res))
+        append_lines(run_dir / "batches.jsonl", [{"batch": b, "seconds": time.perf_counter() - t0,
+                                                  "threads": torch.get_num_threads(), "device": str(device)}])
     return read_records(run_dir)
 
 
-def finish_run(model, run_dir: Path, images: torch.Tensor, latency_n: int = 20, seconds: float | None = None,
-               report: bool = True) -> dict:
-    """Write summary.json (with batch-1 latency on the first ``latency_n`` samples), gates.json
-    and the report (report.html, figures/)."""
+def finish_run(model, run_dir: Path, images: torch.Tensor, latency_n: int = 20, report: bool = True) -> dict:
+    """Write summary.json (with batch-1 latency on the first ``latency_n`` samples and the attack
+    time of all the run's processes), gates.json and the report (report.html, figures/)."""
     run_dir = Path(run_dir)
     config = load_config(run_dir)
     records = read_records(run_dir)
@@ -178,7 +191,7 @@ def finish_run(model, run_dir: Path, images: torch.Tensor, latency_n: int = 20, 
         lat = cost.batch1_latency_ms(model, {"clean": (clean, None), "adv": (adv.to(device), None), "full": (clean, "on")})
         for key, ms in lat.items():
             summary[f"latency_{key}_ms"] = ms
-    summary["seconds"] = seconds
+    summary["seconds"] = attack_seconds(run_dir, records)
     device = next(model.parameters()).device
     with torch.no_grad(), Trace() as trace:
         model(images[:1].to(device))
@@ -193,7 +206,11 @@ def finish_run(model, run_dir: Path, images: torch.Tensor, latency_n: int = 20, 
 
 
 def merge_runs(shard_dirs: list[Path], out_dir: Path) -> Path:
-    """Merge shard run directories of one configuration into ``out_dir`` (summary left to finish_run)."""
+    """Merge shard run directories of one configuration into ``out_dir`` (summary left to finish_run).
+
+    ``out_dir`` must be empty (the source directories may lie inside it, as torchrun's ranks do)
+    or hold an unfinished merge of the same sources, recognised by its merge.json, written first:
+    nothing of another run is ever kept beside the merged files."""
     shard_dirs = [Path(d) for d in shard_dirs]
     configs = [load_config(d) for d in shard_dirs]
     base = {k: v for k, v in configs[0].items() if k != "shard"}
@@ -206,22 +223,61 @@ def merge_runs(shard_dirs: list[Path], out_dir: Path) -> Path:
         raise DynattackError(f"cannot merge: expected shards 0..n-1 of one split, got {[c['shard'] for c in configs]}")
     out_dir = Path(out_dir)
     config = RunConfig(**{**base, "shard": (0, 1)})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "adv").mkdir(exist_ok=True)
-    write_atomic(out_dir / "config.json", json.dumps(config.to_json(), indent=2) + "\n")
-    records = []
-    for d in shard_dirs:
-        for path in (d / "adv").glob("batch_*.safetensors"):
-            if path.resolve() != (out_dir / "adv" / path.name).resolve():
-                shutil.copyfile(path, out_dir / "adv" / f".{path.name}.tmp")
-                os.replace(out_dir / "adv" / f".{path.name}.tmp", out_dir / "adv" / path.name)
-        records.extend(read_records(d))
-    records.sort(key=lambda r: r["index"])
-    write_atomic(out_dir / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    per_dir = {d: read_records(d) for d in shard_dirs}
+    records = sorted((r for recs in per_dir.values() for r in recs), key=lambda r: r["index"])
     missing = {b for b, _, _ in config.batches()} - {r["batch"] for r in records}
     if missing:
         raise DynattackError(f"cannot merge: batches {sorted(missing)[:10]} are missing (resume those shards first)")
+    indices: dict[int, list[int]] = {}
+    for r in records:
+        indices.setdefault(r["batch"], []).append(r["index"])
+    sources = {d: sorted({r["batch"] for r in recs}) for d, recs in per_dir.items()}
+    for d, batches in sources.items():
+        for b in batches:
+            if not shard_holds(shard_path(d, b), indices[b]):
+                raise DynattackError(f"cannot merge: shard {shard_path(d, b)} is corrupt or does not hold batch {b}'s "
+                                     f"samples; rerun that shard with --resume")
+    record = {"config": config.to_json(),
+              "sources": [{"dir": str(d.resolve()), "shard": c["shard"],
+                           "shards": {shard_path(d, b).name: shard_path(d, b).stat().st_size for b in sources[d]}}
+                          for d, c in zip(shard_dirs, configs)]}
+    _check_merge_target(out_dir, shard_dirs, record)
+    make_dirs(out_dir / "adv")
+    write_atomic(out_dir / "merge.json", json.dumps(record, indent=2) + "\n")
+    write_atomic(out_dir / "config.json", json.dumps(config.to_json(), indent=2) + "\n")
+    for d, batches in sources.items():
+        for b in batches:
+            copy_atomic(shard_path(d, b), shard_path(out_dir, b))
+    first = next(d for d, c in zip(shard_dirs, configs) if c["shard"][0] == 0)  # holds batch 0 and its history
+    if (first / "history.safetensors").exists():
+        copy_atomic(first / "history.safetensors", out_dir / "history.safetensors")
+    timing = [t for d in shard_dirs for t in read_lines(d / "batches.jsonl")]
+    write_atomic(out_dir / "batches.jsonl", "".join(json.dumps(t) + "\n" for t in timing))
+    write_atomic(out_dir / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     return out_dir
+
+
+def _check_merge_target(out_dir: Path, shard_dirs: list[Path], record: dict | None) -> None:
+    """Refuse an ``out_dir`` that holds anything but the sources themselves, unless it is the
+    unfinished merge ``record`` (None: any merge of these sources, checked again when merging)."""
+    if not out_dir.is_dir():
+        return
+    sources = [d.resolve() for d in shard_dirs]
+    others = [p for p in out_dir.iterdir() if not any(s == p.resolve() or p.resolve() in s.parents for s in sources)]
+    if not others:
+        return
+    try:
+        previous = json.loads((out_dir / "merge.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        raise DynattackError(f"--out {out_dir} is not empty and holds no merge of these shards: choose another "
+                             "--out or remove the directory") from None
+    if record is None:
+        same = sorted(s["dir"] for s in previous.get("sources", [])) == sorted(map(str, sources))
+    else:
+        same = previous == record
+    if not same:
+        raise DynattackError(f"--out {out_dir} holds the merge of other shards or of another state of them (see its "
+                             "merge.json): choose another --out or remove the directory")
 
 
 # ----------------------------------------------------------------------------- command-line glue
@@ -250,9 +306,11 @@ def build_attack(name: str, model, params: dict, progress: bool = True):
 
 
 def _load_victim_and_data(victim: str, weights, data, device: str, dataset: str, count: int | None = None):
-    from .data import load_dataset
+    """Victim, inputs and labels, checked against each other (shape, range, the victim's classes)
+    before anything is written."""
+    from .data import check_labels, load_dataset
     from .data.point_batch import POINT_DATASETS
-    from .models import create_model
+    from .models import create_model, victim_classes
 
     if dataset in POINT_DATASETS:  # the first `count` scenes (see the point-cloud section)
         return _load_victim_and_points(victim, weights, device, dataset, count)
@@ -262,18 +320,27 @@ def _load_victim_and_data(victim: str, weights, data, device: str, dataset: str,
         raise DynattackError(f"{victim} takes inputs of shape {tuple(model.input_shape)}, the data has "
                              f"{tuple(images.shape[1:])} (wrong channel count or size)")
     if not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1:
+    check_labels(labels, victim_classes(model, images[:1]), f"the {dataset} data for {victim}")
         raise DynattackError("the images must be finite and in [0, 1]")
     return model, images, labels
 
 
 def run_cli_attack(*, victim, attack, params, out, n, offset, batch_size, seed, resume, shard, latency_n,
-                   weights, data, device, progress, dataset: str | None = None) -> dict | None:
-    """`dynattack attack`: one process, one shard, or every rank of a torchrun job."""
-    out = Path(out)
+                   weights, data, device, progress, dataset: str | None = None, threads: int | None = None) -> dict | None:
+    """`dynattack attack`: one process, one shard, or every rank of a torchrun job. ``threads``:
+    torch CPU threads of each process (None: as the environment says; torchrun says 1)."""
+    out = output_dir(out)
     if n <= 0 or offset < 0 or batch_size <= 0:
         raise DynattackError("--n and --batch-size must be > 0 and --offset >= 0")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    run_dir = out / "ranks" / f"rank{rank}" if world > 1 else out
+    # Fail fast, before the victim and the data are loaded: the resume config check needs them.
+    check_resume(run_dir, resume)
+    if world > 1:
+        _check_merge_target(out, [out / "ranks" / f"rank{r}" for r in range(world)], None)
+    if threads is not None:
+        torch.set_num_threads(threads)
     if world > 1:
         import torch.distributed as dist
 
@@ -295,30 +362,28 @@ def run_cli_attack(*, victim, attack, params, out, n, offset, batch_size, seed, 
         config = RunConfig(victim=victim, attack=attack, params=atk.params(), dataset=dataset, offset=offset, n=n,
                            batch_size=batch_size, seed=seed, weights=str(weights) if weights else None, shard=shard,
                            split=_split(dataset))
-        run_dir = out / "ranks" / f"rank{rank}" if world > 1 else out
-        t0 = time.perf_counter()
         run_attack(model, atk, config, images, labels, run_dir, resume=resume, progress=progress and rank == 0)
-        seconds = time.perf_counter() - t0
         if world > 1:
             dist.barrier()
             summary = None
             if rank == 0:
                 merge_runs([out / "ranks" / f"rank{r}" for r in range(world)], out)
-                summary = finish_run(model, out, images, latency_n, seconds)
+                summary = finish_run(model, out, images, latency_n)
             dist.barrier()
             return summary
-        return finish_run(model, out, images, latency_n, seconds)
+        return finish_run(model, out, images, latency_n)
     finally:
         if world > 1:
             dist.destroy_process_group()
 
 
 def merge_cli(shards, out, latency_n, data, device) -> dict:
+    out = output_dir(out)
     merge_runs(shards, out)
-    config = load_config(Path(out))
+    config = load_config(out)
     model, images, _ = _load_victim_and_data(config["victim"], config.get("weights"), data, device, config["dataset"],
                                              count=config["offset"] + config["n"])
-    return finish_run(model, out, images, latency_n, None)
+    return finish_run(model, out, images, latency_n)
 
 
 # ----------------------------------------------------------------------------- point clouds
@@ -333,12 +398,16 @@ def _split(dataset: str) -> str:
     return SYNTHETIC_EVAL_SPLIT if dataset in POINT_DATASETS else "test"
 
 
+    from .data import check_labels
 def _load_victim_and_points(victim: str, weights, device: str, dataset: str, count: int):
     from .data.point_batch import load_point_dataset
-    from .models import create_model
+    from .data.points import IGNORE_LABEL
+    from .models import create_model, victim_classes
+    batch = load_point_dataset(dataset, count)  # refuses more scenes than the split holds before building any
 
     model = create_model(victim, weights=weights, device=device)
-    batch = load_point_dataset(dataset, count)
+    check_labels(batch.labels, victim_classes(model, batch.points[:1]), f"the {dataset} scenes for {victim}",
+                 ignore_index=IGNORE_LABEL)
     return model, batch.points, batch.labels
 
 
