@@ -322,3 +322,57 @@ def test_load_dataset_dispatch(tmp_path):
         load_dataset("folder")
     with pytest.raises(DynattackError):
         load_dataset("cifar10", root=tmp_path, size=3)
+
+
+# --- refused inputs (issue 14): shapes, counts and labels that disagree --------------------------
+
+
+def write_raw_idx(path: Path, dims: tuple[int, ...], payload: bytes) -> None:
+    """An IDX file whose header says ``dims`` whatever ``payload`` holds (to cut files short)."""
+    path.write_bytes(struct.pack(">HBB", 0, 0x08, len(dims)) + struct.pack(f">{len(dims)}I", *dims) + payload)
+
+
+def test_idx_truncated_or_longer_than_its_header_is_refused(tmp_path):
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(5, np.uint8), gz=False)
+    for size in (5 * 28 * 28 - 1, 5 * 28 * 28 + 3):
+        write_raw_idx(tmp_path / "t10k-images-idx3-ubyte", (5, 28, 28), bytes(size))
+        with pytest.raises(DynattackError) as exc:
+            load_fashion_mnist(root=tmp_path)
+        msg = one_line(exc)
+        assert "truncated" in msg and "(5, 28, 28)" in msg and f"{size} bytes" in msg
+
+
+def test_idx_images_and_labels_must_agree(tmp_path):
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((5, 28, 28), np.uint8), gz=False)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(4, np.uint8), gz=False)
+    with pytest.raises(DynattackError) as exc:
+        load_fashion_mnist(root=tmp_path)
+    assert "5 images" in one_line(exc) and "4 labels" in one_line(exc)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros((5, 2), np.uint8), gz=False)  # not one per image
+    with pytest.raises(DynattackError, match=r"\(5, 2\)"):
+        load_fashion_mnist(root=tmp_path)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(5, np.uint8), gz=False)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((5, 784), np.uint8), gz=False)  # flat images
+    with pytest.raises(DynattackError, match=r"\(5, 784\)"):
+        load_fashion_mnist(root=tmp_path)
+
+
+def test_idx_label_outside_the_ten_classes_is_refused(tmp_path):
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((4, 28, 28), np.uint8), gz=False)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([9, 0, 10, 200], np.uint8), gz=False)
+    with pytest.raises(DynattackError) as exc:
+        load_fashion_mnist(root=tmp_path)
+    msg = one_line(exc)
+    assert "0..9" in msg and "sample 2 has label 10" in msg
+
+
+def test_synthetic_splits_are_fixed_at_the_shipped_cards_sizes():
+    from dynattack.data.points import SYNTHETIC_SPLIT_SIZES, synthetic_scenes
+    from dynattack.models import read_card
+
+    args = read_card("unet3d-rooms")["train_args"]  # what the shipped victim was trained and evaluated on
+    assert SYNTHETIC_SPLIT_SIZES == {"train": args["scenes"], "val": args["eval_scenes"], "test": args["eval_scenes"]}
+    assert len(synthetic_scenes("val", args["eval_scenes"], density=20.0)) == args["eval_scenes"]
+    with pytest.raises(DynattackError) as exc:
+        synthetic_scenes("val", args["eval_scenes"] + 1, density=20.0)
+    assert f"holds {args['eval_scenes']}" in one_line(exc)

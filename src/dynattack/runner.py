@@ -320,8 +320,8 @@ def _load_victim_and_data(victim: str, weights, data, device: str, dataset: str,
         raise DynattackError(f"{victim} takes inputs of shape {tuple(model.input_shape)}, the data has "
                              f"{tuple(images.shape[1:])} (wrong channel count or size)")
     if not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1:
-    check_labels(labels, victim_classes(model, images[:1]), f"the {dataset} data for {victim}")
         raise DynattackError("the images must be finite and in [0, 1]")
+    check_labels(labels, victim_classes(model, images[:1]), f"the {dataset} data for {victim}")
     return model, images, labels
 
 
@@ -398,13 +398,13 @@ def _split(dataset: str) -> str:
     return SYNTHETIC_EVAL_SPLIT if dataset in POINT_DATASETS else "test"
 
 
-    from .data import check_labels
 def _load_victim_and_points(victim: str, weights, device: str, dataset: str, count: int):
+    from .data import check_labels
     from .data.point_batch import load_point_dataset
     from .data.points import IGNORE_LABEL
     from .models import create_model, victim_classes
-    batch = load_point_dataset(dataset, count)  # refuses more scenes than the split holds before building any
 
+    batch = load_point_dataset(dataset, count)  # refuses more scenes than the split holds before building any
     model = create_model(victim, weights=weights, device=device)
     check_labels(batch.labels, victim_classes(model, batch.points[:1]), f"the {dataset} scenes for {victim}",
                  ignore_index=IGNORE_LABEL)

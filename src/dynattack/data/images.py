@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import gzip
+import math
 import os
 import pickle
 import struct
@@ -40,13 +41,29 @@ def _read_idx(path: Path) -> np.ndarray:
         with opener(path, "rb") as f:
             data = f.read()
         zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-        if zero != 0 or dtype_code != 0x08:
+        if zero != 0 or dtype_code != 0x08 or ndim == 0:
             raise ValueError("not an unsigned-byte IDX file")
         dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-        array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-        return array.reshape(dims)
     except (OSError, ValueError, struct.error, EOFError) as exc:
         raise DynattackError(f"cannot read IDX file {path}: {exc}") from None
+    body, expected = len(data) - 4 - 4 * ndim, math.prod(dims)
+    if body != expected:  # cut short, or not the shape its header says
+        raise DynattackError(f"IDX file {path} is corrupt or truncated: its header says shape {dims} "
+                             f"({expected} bytes), it holds {body} bytes of data")
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, source: str, ignore_index: int | None = None) -> None:
+    """Refuse labels outside ``0 .. num_classes - 1`` (``ignore_index`` allowed), naming the first
+    bad one and its sample (labels ``(N,)``, or ``(N, ...)`` per sample, e.g. per point)."""
+    bad = (labels < 0) | (labels >= num_classes)
+    if ignore_index is not None:
+        bad &= labels != ignore_index
+    if bad.any():
+        i = int(bad.reshape(len(labels), -1).any(1).nonzero()[0])
+        value = int(labels[i][bad[i]].reshape(-1)[0])
+        raise DynattackError(f"{source}: labels must lie in 0..{num_classes - 1} ({num_classes} classes); "
+                             f"sample {i} has label {value}")
 
 
 def _find(root: Path, stem: str) -> Path | None:
@@ -78,10 +95,18 @@ def load_fashion_mnist(split: str = "test", root: str | Path | None = None, pad:
             f"Fashion-MNIST {split} files ({prefix}-images-idx3-ubyte.gz, {prefix}-labels-idx1-ubyte.gz) "
             f"not found in {root}; {FASHION_MNIST_HINT}, or pass --data DIR / set DYNATTACK_DATA"
         )
-    images = torch.from_numpy(_read_idx(img_path).copy()).float().div_(255.0).unsqueeze(1)
-    labels = torch.from_numpy(_read_idx(lbl_path).astype(np.int64))
-    if len(images) != len(labels):
-        raise DynattackError(f"{img_path} and {lbl_path} hold different numbers of samples")
+    pixels, raw_labels = _read_idx(img_path), _read_idx(lbl_path)
+    if pixels.ndim != 3:
+        raise DynattackError(f"{img_path} holds an array of shape {pixels.shape}; images are (N, height, width)")
+    if raw_labels.ndim != 1:
+        raise DynattackError(f"{lbl_path} holds an array of shape {raw_labels.shape}; labels are (N,)")
+    if len(pixels) != len(raw_labels):
+        raise DynattackError(f"{img_path} holds {len(pixels)} images but {lbl_path} {len(raw_labels)} labels")
+    if len(pixels) == 0:
+        raise DynattackError(f"{img_path} holds no images")
+    images = torch.from_numpy(pixels.copy()).float().div_(255.0).unsqueeze(1)
+    labels = torch.from_numpy(raw_labels.astype(np.int64))
+    check_labels(labels, len(FASHION_MNIST_CLASSES), str(lbl_path))
     if pad:
         images = pad_to(images, pad)
     return images, labels
@@ -163,8 +188,7 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     labels = np.asarray(labels if labels is not None else [], dtype=np.int64)
     if labels.shape != (len(data),):
         raise DynattackError(f"{path}: expected {len(data)} labels, found shape {labels.shape}")
-    if len(labels) and (labels.min() < 0 or labels.max() > 9):
-        raise DynattackError(f"{path}: labels must lie in 0..9")
+    check_labels(torch.from_numpy(labels), len(CIFAR10_CLASSES), str(path))
     return data, labels
 
 

@@ -105,6 +105,10 @@ _BASE_COLOURS = {
     "bed": (0.74, 0.74, 0.84), "sofa": (0.46, 0.27, 0.26),
 }
 _SPLIT_CODES = {"train": 1, "val": 2, "test": 3}
+# The rooms are procedural, so any number could be generated: each split is fixed at the size the
+# shipped unet3d-rooms was trained and evaluated with (its model card), which bounds the work and
+# memory a request can ask for (a room is ~3 MB once packed and takes ~35 ms to generate).
+SYNTHETIC_SPLIT_SIZES = {"train": 180, "val": 8, "test": 8}
 
 
 class _Part(NamedTuple):
@@ -327,10 +331,15 @@ def generate_scene(seed: int | np.random.Generator = 0, *, density: float = 2000
 
 
 def synthetic_scenes(split: str = "val", n: int = 8, seed: int = 0, **kwargs) -> list[PointCloud]:
-    """``n`` SYNTHETIC rooms of ``split`` (train / val / test); scene i depends only on
-    (split, seed, i), so the validation set is fixed and a longer list extends a shorter one."""
+    """The first ``n`` SYNTHETIC rooms of ``split`` (train / val / test), at most
+    ``SYNTHETIC_SPLIT_SIZES[split]``; scene i depends only on (split, seed, i), so the
+    validation set is fixed and a longer list extends a shorter one."""
     if split not in _SPLIT_CODES:
         raise DynattackError(f"unknown split {split!r}; expected one of {', '.join(_SPLIT_CODES)}")
+    size = SYNTHETIC_SPLIT_SIZES[split]
+    if not 0 <= n <= size:
+        raise DynattackError(f"asked for {n} rooms of the synthetic {split} split, which holds {size} "
+                             "(a fixed size: dynattack.data.points.SYNTHETIC_SPLIT_SIZES)")
     return [generate_scene(np.random.default_rng([_SPLIT_CODES[split], seed, i]), **kwargs) for i in range(n)]
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import pickle
+import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -77,33 +79,100 @@ def list_models() -> list[dict]:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file, or of a ``.pth`` read with ``weights_only=True`` (never
-    unpickling code). Any failure is one clear :class:`DynattackError`."""
+    """Tensors of a weights file, its format told by its first bytes, not its name: safetensors
+    (8-byte little-endian header length, then a JSON header), torch.save's zip archive or a
+    legacy torch.save pickle, both read with ``weights_only=True`` (never unpickling code).
+    Every tensor must be finite. Any failure is one clear :class:`DynattackError`."""
     path = Path(path)
     if not path.is_file():
         raise DynattackError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise DynattackError(f"weights file {path} is corrupt or truncated ({str(exc).splitlines()[0]})") from None
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(9)
+    kind = _sniff_weights(head, size)
+    if kind == "empty":
+        raise DynattackError(f"weights file {path} is empty (0 bytes): not a checkpoint")
+    if kind == "safetensors":
+        state = _read_safetensors(path, head, size)
+    elif kind in ("zip", "pickle"):
+        state = _read_torch_save(path, kind)
+    else:
         raise DynattackError(
-            f"refusing {path}: it needs unpickling of code, which could run anything; "
+            f"{path} is not a checkpoint, or is corrupt: neither safetensors (8-byte length + JSON header), "
+            f"nor torch.save's zip archive, nor a pickle (its first bytes are {head[:8].hex(' ')})"
+        )
+    for key, tensor in state.items():
+        if (tensor.is_floating_point() or tensor.is_complex()) and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise DynattackError(f"weights file {path} is not finite: tensor {key!r} holds {bad} NaN or infinite "
+                                 f"values (of {tensor.numel()})")
+    return state
+
+
+def _sniff_weights(head: bytes, size: int) -> str:
+    """'empty', 'zip' (torch.save since 1.6), 'pickle' (legacy torch.save), 'safetensors' or 'unknown'."""
+    if size == 0:
+        return "empty"
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # PROTO opcode, then protocol 2-5
+        return "pickle"
+    if len(head) == 9 and head[8:9] == b"{":  # the JSON header follows its 8-byte length
+        return "safetensors"
+    return "unknown"
+
+
+def _read_safetensors(path: Path, head: bytes, size: int) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    header_len = struct.unpack("<Q", head[:8])[0]
+    if header_len > size - 8:
+        raise DynattackError(f"weights file {path} is a truncated safetensors file: its header alone needs "
+                             f"{header_len} bytes, the file holds {size - 8} after the length")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise DynattackError(
+            f"weights file {path} is a corrupt or truncated safetensors file ({_first_line(exc)})") from None
+
+
+def _read_torch_save(path: Path, kind: str) -> dict[str, torch.Tensor]:
+    what = "torch.save zip archive" if kind == "zip" else "pickle"
+    try:
+        # An open file, not its name: torch.load would take any name ending in .safetensors for one.
+        with open(path, "rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error is one line
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = _unpickling_reason(exc)
+        if "GLOBAL" not in reason:  # an opcode or value the weights-only reader does not know: no code named
+            raise DynattackError(f"weights file {path} is a corrupt {what}, or holds more than tensors in plain "
+                                 f"containers ({reason})") from None
+        raise DynattackError(
+            f"refusing {path}: it needs unpickling of code ({reason}), which could run anything; "
             "re-save it as a plain state_dict (torch.save(model.state_dict(), ...)) or as safetensors"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise DynattackError(f"weights file {path} is corrupt or truncated ({str(exc).splitlines()[0]})") from None
+        raise DynattackError(f"weights file {path} is a corrupt or truncated {what} ({_first_line(exc)})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # the official releases wrap the weights
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise DynattackError(f"{path} holds no state_dict of tensors")
     return obj
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first sentence of an exception's message, or its type where the message is empty (EOFError)."""
+    text = str(exc).strip()
+    return text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
+
+
+def _unpickling_reason(exc: pickle.UnpicklingError) -> str:
+    """torch's weights-only refusal is a page of advice around one line of reason: keep that line."""
+    advice = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.strip().startswith(advice)]
+    return lines[0] if lines else _first_line(exc)
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
@@ -157,6 +226,16 @@ def create_model(name: str, pretrained: bool = True, weights: str | Path | None 
     model.to(device).eval()
     cost.calibrate(model, model.input_shape)
     return model
+
+
+def victim_classes(model: nn.Module, example: torch.Tensor) -> int:
+    """How many classes a victim tells apart: ``model.num_classes``, else the width of its logits
+    (dimension 1, also for per-point logits) on ``example``, a batch of one input."""
+    k = getattr(model, "num_classes", None)
+    if k is None:
+        with torch.no_grad():
+            k = model(example.to(next(model.parameters()).device)).shape[1]
+    return int(k)
 
 
 # Families register their victims on import.
@@ -291,6 +370,7 @@ register(ModelSpec(
 
 # -- sparse voxel U-Net (3D point clouds) ------------------------------------------------------
 
+from ..data.points import SYNTHETIC_SPLIT_SIZES  # noqa: E402
 from . import sparse_unet as _sparse_unet  # noqa: E402
 
 # Time budget (2-core CPU): one training step (one room, forward + backward + AdamW) measured
@@ -307,5 +387,7 @@ register(ModelSpec(
     description="MinkowskiNet-style residual sparse U-Net (widths 16-32-64-128, strides 1-8, 2 cm voxels), "
                 "voxel occupancy as gates, per-point segmentation of 8 classes of SYNTHETIC rooms",
     dataset="synthetic-rooms",
-    train_args={"scenes": 180, "eval_scenes": 8, "epochs": 4, "lr": 2e-3, "weight_decay": 1e-4},
+    # the whole train split; val and test rooms: eval_scenes each (the splits' fixed sizes)
+    train_args={"scenes": SYNTHETIC_SPLIT_SIZES["train"], "eval_scenes": SYNTHETIC_SPLIT_SIZES["test"], "epochs": 4,
+                "lr": 2e-3, "weight_decay": 1e-4},
 ))
