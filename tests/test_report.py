@@ -6,6 +6,7 @@ import json
 import math
 import re
 import shutil
+import warnings
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -125,7 +126,8 @@ def make_point_run(root: Path) -> Path:
     iou_clean["sofa"] = iou_adv["sofa"] = None
     iou_adv["bed"] = 0.0
     summary = json.loads((run / "summary.json").read_text())
-    summary.update(victim="unet3d-rooms", attack="pc-gradauto", miou_clean=0.29308214947498457,
+    summary.update(victim="unet3d-rooms", attack="pc-gradauto", recovery_pct=4.24, recovery_pct_mean=4.5,
+                   miou_clean=0.29308214947498457,
                    miou_adv=0.1221, flops_increase_pct=5.976, iou_per_class_clean=iou_clean, iou_per_class_adv=iou_adv)
     (run / "summary.json").write_text(json.dumps(summary, indent=2))
     return run
@@ -299,6 +301,17 @@ def test_point_run_per_class_iou_is_its_own_table(tmp_path):
     assert not [c for c in zip(*rows) if set(c) == {"n/a"}]
     # the victim has gates (gates.json): the missing execution rates are not blamed on a static network
     assert "static network" not in html and "no per-gate execution" in html
+
+
+def test_recovery_without_summary_figures_draws_without_a_warning(tmp_path):
+    run = make_run(tmp_path, "accuracy", n=4, batch_size=4)
+    summary = json.loads((run / "summary.json").read_text())
+    summary.update(recovery_pct=None, recovery_pct_mean=None)  # per-sample recovery only
+    (run / "summary.json").write_text(json.dumps(summary))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns on a legend without entries
+        _, figs = check_report(run)
+    assert "recovery_hist" in figs
 
 
 def test_bad_run_dirs(tmp_path):

@@ -146,7 +146,8 @@ def fig_recovery(run: Run) -> tuple[Figure, str]:
     ax.set_ylabel("samples")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"Per-sample FLOPs recovery ({len(rec)} samples)")
-    ax.legend(loc="upper left", fontsize=9)
+    if ax.get_legend_handles_labels()[0]:  # summary.json may give no recovery figure (null)
+        ax.legend(loc="upper left", fontsize=9)
     ax.grid(alpha=0.3)
     return fig, ("Recovery of each sample whose clean run skipped computation: 100 % means every skipped unit "
                  "runs on the adversarial input, 0 % none, negative values mean fewer FLOPs than clean.")
