@@ -191,7 +191,7 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 def attack_cmd(
     victim: str = typer.Option(..., "--victim", help="victim name from `dynattack models`"),
     attack: str = typer.Option(..., "--attack", help="attack name (gradauto, ilfo, ...)"),
-    out: Path = typer.Option(..., "--out", help="run directory (config.json, samples.jsonl, adv/, summary.json)"),
+    out: str = typer.Option(..., "--out", help="run directory (config.json, samples.jsonl, adv/, summary.json)"),
     n: int = typer.Option(100, "--n", "--images", help="number of test images (under torchrun say --images: it takes --n as its own)"),
     offset: int = typer.Option(0, "--offset", help="first test image"),
     batch_size: int = typer.Option(50, "--batch-size", help="images attacked together"),
@@ -205,6 +205,8 @@ def attack_cmd(
     resume: bool = typer.Option(False, "--resume", help="continue a killed run in --out"),
     shard: Optional[str] = typer.Option(None, "--shard", help="run only slice i/n of the batches"),
     latency_n: int = typer.Option(20, "--latency-n", help="samples timed at batch 1 (clean, adversarial, all on)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads per process (default: as "
+                                          "OMP_NUM_THREADS says; torchrun sets 1), recorded in batches.jsonl"),
     weights: Optional[Path] = typer.Option(None, help="victim weights (safetensors or official .pth) instead of the zoo's"),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="fashion-mnist, cifar10 or folder (default: the victim's)"),
     data: Optional[Path] = DataOpt,
@@ -214,6 +216,9 @@ def attack_cmd(
     """Attack the first N test images of a victim's dataset; results go into the run directory."""
     from .runner import run_cli_attack
 
+    check_latency_n(latency_n)
+    if threads is not None and threads < 1:
+        raise DynattackError(f"--threads must be >= 1, got {threads}")
     params = parse_params(param)
     for key, value in (("eps", parse_value(eps) if eps is not None else None), ("grad", grad), ("lam", lam),
                        ("steps", steps)):
@@ -222,7 +227,7 @@ def attack_cmd(
     summary = run_cli_attack(victim=victim, attack=attack, params=params, out=out, n=n, offset=offset,
                              batch_size=batch_size, seed=seed, resume=resume, shard=parse_shard(shard),
                              latency_n=latency_n, weights=weights, data=data, device=resolve_device(device),
-                             progress=progress, dataset=dataset)
+                             progress=progress, dataset=dataset, threads=threads)
     if summary is not None:
         _print_summary(summary)
         typer.echo(f"run directory: {out}")
@@ -231,7 +236,7 @@ def attack_cmd(
 @app.command("merge")
 def merge_cmd(
     shards: list[Path] = typer.Argument(..., help="shard run directories (all shards i/n of one run)"),
-    out: Path = typer.Option(..., "--out", help="merged run directory"),
+    out: str = typer.Option(..., "--out", help="merged run directory (new, or an unfinished merge of these shards)"),
     latency_n: int = typer.Option(20, "--latency-n", help="samples timed at batch 1"),
     data: Optional[Path] = DataOpt,
     device: str = DeviceOpt,
@@ -239,6 +244,7 @@ def merge_cmd(
     """Merge the shard directories of one run into one run directory with its summary."""
     from .runner import merge_cli
 
+    check_latency_n(latency_n)
     _print_summary(merge_cli(shards, out, latency_n=latency_n, data=data, device=resolve_device(device)))
     typer.echo(f"run directory: {out}")
 
@@ -256,12 +262,20 @@ def demo_cmd(
     victim: str = typer.Option("skipnet38-rnn-hrl", "--victim", help="a shipped gated victim"),
     n: int = typer.Option(50, "--n", help="first N Fashion-MNIST test images"),
     steps: int = typer.Option(300, "--steps", help="iterations per attack (GradAuto stops each sample early once all on)"),
-    out: Path = typer.Option(Path("runs/demo"), "--out", help="directory for the two run directories"),
+    out: str = typer.Option("runs/demo", "--out", help="directory for the two run directories"),
     device: str = DeviceOpt,
 ) -> None:
     """The main job: GradAuto vs ILFO on a shipped SkipNet, a comparison table and the reports."""
+    from .rundir import load_config, output_dir
     from .runner import run_cli_attack
 
+    out = output_dir(out)
+    for attack in ("gradauto", "ilfo"):  # a rerun continues the same demo; refuse another one before any work
+        if (out / attack / "config.json").exists():
+            old = load_config(out / attack)
+            if (old["victim"], old["n"], old["params"].get("steps")) != (victim, n, steps):
+                raise DynattackError(f"{out} holds a demo of --victim {old['victim']} --n {old['n']} --steps "
+                                     f"{old['params'].get('steps')}: choose another --out, or remove {out}")
     dev = resolve_device(device)
     rows = [("attack", "recovery", "PSNR", "clean acc", "adv acc", "latency clean / adv / all on (b=1)", "report")]
     for attack in ("gradauto", "ilfo"):
@@ -295,10 +309,29 @@ def _print_table(rows: list[tuple]) -> None:
             typer.echo("  ".join("-" * w for w in widths))
 
 
+def check_latency_n(latency_n: int) -> None:
+    if latency_n < 0:
+        raise DynattackError(f"--latency-n must be >= 0, got {latency_n}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: click reports its own usage errors (exit 2); ours become one line, exit 2."""
+    """Entry point: usage errors (click's) and ours both become one line on stderr, exit 2."""
+    import typer.main
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError  # typer vendors click
+    from typer.exceptions import Abort
+
     try:
-        app(args=argv)
-    except DynattackError as exc:
-        typer.echo(f"dynattack: error: {exc}", err=True)
+        code = typer.main.get_command(app).main(args=argv, prog_name="dynattack", standalone_mode=False)
+    except NoArgsIsHelpError as exc:  # bare `dynattack` or `dynattack CMD` with no_args_is_help: the help
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (DynattackError, ClickException) as exc:
+        message = " ".join((exc.format_message() if isinstance(exc, ClickException) else str(exc)).split())
+        if isinstance(exc, UsageError) and exc.ctx is not None:
+            message += f" (see '{exc.ctx.command_path} --help')"
+        typer.echo(f"dynattack: error: {message}", err=True)
         sys.exit(2)
+    except Abort:
+        typer.echo("Aborted!", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
