@@ -394,3 +394,38 @@ def test_static_victim_and_inference_mode_caller():
         energy = GradAuto(toy, steps=3, early_stop=False, progress=False)(toy_images(toy, 2))
     assert (res.flops_adv == res.flops_full).all() and res.recovery.isnan().all()
     assert (energy.iterations == 3).all()
+
+
+# --------------------------------------------------------------------------- ILFO's per-sample figures
+
+
+class IterateSpy(ILFO):
+    """Records every input the gradient forward runs on (ILFO's unclipped iterates)."""
+
+    def forward_input(self, state, idx):
+        x, leaf = super().forward_input(state, idx)
+        self.seen.append(x.detach().clone())
+        return x, leaf
+
+
+def toy_all_on(x):
+    """ToyGated's two reachable gates in closed form: mean(x) >= 0.5 and x[0, 0, 0] >= 0.7."""
+    return (x.mean((1, 2, 3)) >= 0.5) & (x[:, 0, 0, 0] >= 0.7)
+
+
+def test_ilfo_success_iteration_is_the_first_all_on_iterate_as_run():
+    model = ToyGated()
+    x = toy_images(model, 4)
+    x[3] = 0.8  # all on from the start: iteration 0
+    atk = IterateSpy(model, steps=40, progress=False, history=True)
+    atk.seen = []
+    res = atk(x)
+    assert res.success_iteration_of == "iterate" and len(atk.seen) == 40
+    on = torch.stack([toy_all_on(s) for s in atk.seen])  # (T, B): iteration t ran seen[t]
+    expected = torch.where(on.any(0), on.int().argmax(0), -1)
+    # it used to be `steps` for every sample that succeeded, whatever its iterates did
+    assert torch.equal(res.success_iteration, expected)
+    assert res.success_iteration[3] == 0 and (res.success_iteration[:3] > 0).all()
+    assert (res.success_iteration < 40).all() and (res.iterations == 40).all()  # ILFO runs every step
+    assert torch.equal(res.history["gate_on"].amin(2) == 1, on)  # the history describes the same inputs
+    assert torch.equal(res.success, toy_all_on(res.adv))  # success: the returned, clamped input

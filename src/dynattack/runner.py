@@ -85,8 +85,7 @@ def summarize(records: list[dict], config: dict) -> dict:
     f_full, f_clean, f_adv = col("flops_full"), col("flops_clean"), col("flops_adv")
     per = cost.recovery_per_sample(f_clean, f_adv, f_full)
     per = per[~torch.isnan(per)]
-    psnr = col("psnr")
-    psnr = psnr[torch.isfinite(psnr)]  # identical images (infinite PSNR) are left out of the mean
+    psnr_db, _ = metrics.psnr_mean(col("psnr"))  # identical images (infinite PSNR) are left out
     units = col("units")[clean_ok].sum()
     summary = {
         "victim": config["victim"],
@@ -99,7 +98,7 @@ def summarize(records: list[dict], config: dict) -> dict:
         "flops_adv": float(f_adv.mean()),
         "recovery_pct": cost.recovery_aggregate(f_clean, f_adv, f_full),
         "recovery_pct_mean": float(per.mean()) if len(per) else None,
-        "psnr_db": float(psnr.mean()) if len(psnr) else None,
+        "psnr_db": None if math.isnan(psnr_db) else psnr_db,
         "linf": float(col("linf").mean()),
         "l2": float(col("l2").mean()),
         # SkipNet definition: differing (sample, unit) decisions over the originally correct samples

@@ -64,22 +64,41 @@ def check_bool(owner: str, name: str, value) -> bool:
 
 
 def check_points(owner: str, model: nn.Module, points, labels, labels_required: bool):
-    """Validate a point batch ``(B, N, 3 + F + 1)`` and optional per-point labels ``(B, N)``
-    (the classifiers' ``(B,)`` check does not apply); returns detached copies on the model's device."""
+    """Validate a point batch ``(B, N, 3 + F + 1)`` against the victim (dtype, and the column
+    count of ``model.input_shape`` where declared: :func:`dynattack.cost.check_input`) and optional
+    per-point labels ``(B, N)`` (the classifiers' ``(B,)`` check does not apply; their range is
+    checked after the clean forward, ``-1`` = ignored); returns detached copies on the model's device."""
     if not isinstance(points, torch.Tensor) or not points.is_floating_point() or points.dim() != 3 \
             or points.shape[2] < 4:
         raise DynattackError(f"{owner}: points must be a floating tensor (B, N, 3 + features + 1)")
+    cost.check_input(model, points, owner)
     if points.shape[0] == 0 or not torch.isfinite(points).all():
         raise DynattackError(f"{owner}: points must be a non-empty batch of finite values")
     if labels is None:
         if labels_required:
             raise DynattackError(f"{owner}: this attack needs per-point labels: atk(points, labels)")
-    elif not isinstance(labels, torch.Tensor) or labels.shape != points.shape[:2] or labels.is_floating_point():
+    elif not _integer_tensor(labels) or labels.shape != points.shape[:2]:
         raise DynattackError(f"{owner}: labels must be an integer tensor (B, N) = {tuple(points.shape[:2])}")
     param = next(model.parameters(), None)
     device = param.device if param is not None else points.device
     labels = None if labels is None else labels.detach().to(device).long().clone()
     return points.detach().to(device).clone(), labels
+
+
+def _integer_tensor(labels) -> bool:
+    return isinstance(labels, torch.Tensor) and not labels.is_floating_point() and not labels.is_complex() \
+        and labels.dtype != torch.bool
+
+
+def check_label_range(owner: str, labels: torch.Tensor, classes: int, ignore: int | None = None) -> None:
+    """Raise unless every label lies in ``[0, classes)`` (or equals ``ignore``)."""
+    valid = (labels >= 0) & (labels < classes)
+    if ignore is not None:
+        valid |= labels == ignore
+    if not bool(valid.all()):
+        bad = labels[~valid][0].item()
+        also = f" or {ignore} (ignored)" if ignore is not None else ""
+        raise DynattackError(f"{owner}: labels must lie in [0, {classes}){also}, got {bad}")
 
 
 # --------------------------------------------------------------------------- gates as flat units
@@ -198,18 +217,37 @@ class Forward:
 
 @dataclass
 class AttackResult:
-    """Per-sample outcome of one attack call. All per-sample tensors have shape ``(B,)``."""
+    """Per-sample outcome of one attack call. All per-sample tensors have shape ``(B,)``.
+
+    Iteration ``t`` is the input after ``t`` updates (``0``: the clean input); ``history[k][t]``
+    describes the input the gradient forward ran at iteration ``t``.
+
+    * ``flops_adv``, ``adv_pred``, ``recovery``, ``psnr``, ``l2``, ``linf`` and ``success``
+      describe the returned input ``adv``, evaluated on the hard network.
+    * ``iterations``: updates applied to the sample: the updates before it stopped when early
+      stop stopped it, else ``steps`` (ILFO always runs all of them, as its authors do).
+    * ``success_iteration``: the first iteration whose evaluated input met the goal, ``-1`` if
+      none did. Which input is evaluated per iteration is ``success_iteration_of``:
+      ``"candidate"``: the kind of input the attack returns (each iterate is a candidate, and
+      the one after the last update is evaluated too, as iteration ``steps``); ``"iterate"``:
+      the input the gradient forward ran, not the kind returned (ILFO optimises unclipped
+      ``x + delta`` and returns ``clamp(x + delta, 0, 1)`` of its last iterate, evaluated once).
+      Then ``success`` (the returned input) and ``success_iteration`` (the iterates run)
+      describe different inputs and may disagree either way.
+    * ``psnr`` is ``+inf`` for a sample returned unchanged (nothing to recover, or nothing
+      better found than the clean input); :attr:`psnr_db` is the aggregate summary.json reports.
+    """
 
     adv: torch.Tensor  # (B, ...) best adversarial inputs found
     flops_clean: torch.Tensor  # float64
     flops_adv: torch.Tensor  # float64
     flops_full: torch.Tensor  # float64, every gate on
     recovery: torch.Tensor  # % of the saved FLOPs won back; NaN where the clean input ran everything
-    psnr: torch.Tensor  # dB, inputs in [0, 1]
+    psnr: torch.Tensor  # dB, inputs in [0, 1]; +inf where adv == clean
     l2: torch.Tensor
     linf: torch.Tensor
     iterations: torch.Tensor  # long: updates applied to the sample (early stop counts here)
-    success_iteration: torch.Tensor  # long: first iteration whose input met the goal, -1 never
+    success_iteration: torch.Tensor  # long: first iteration whose evaluated input met the goal, -1 never
     success: torch.Tensor  # bool: the returned input meets the attack's goal
     clean_pred: torch.Tensor
     adv_pred: torch.Tensor
@@ -222,6 +260,7 @@ class AttackResult:
     # not run. Always: flops, l2, gate_value (T, B, gates), gate_on (T, B, gates), active (bool);
     # plus what the attack's step reports (losses, gradient norms, angles).
     history: dict[str, torch.Tensor] | None = None
+    success_iteration_of: str = "candidate"  # or "iterate": see the class docstring
 
     def __len__(self) -> int:
         return self.adv.shape[0]
@@ -230,6 +269,13 @@ class AttackResult:
     def recovery_pct(self) -> float:
         """Aggregate recovery: (sum F_adv - sum F_clean) / (sum F_full - sum F_clean) * 100."""
         return cost.recovery_aggregate(self.flops_clean, self.flops_adv, self.flops_full)
+
+    @property
+    def psnr_db(self) -> float:
+        """Mean PSNR (dB) over the samples the attack changed, as summary.json's ``psnr_db``
+        (:func:`dynattack.metrics.psnr_mean`): unchanged samples (``+inf``) are left out, not
+        capped; nan when no sample changed."""
+        return metrics.psnr_mean(self.psnr)[0]
 
 
 class _Best:
@@ -299,10 +345,14 @@ class Attack:
     # The gradient forward runs on the input the attack would return. False (ILFO: it runs unclipped
     # inputs) disables per-iteration best-keeping and early stop: the final candidate is returned.
     evaluates_candidate = True
+    # What ``AttackResult.success_iteration`` is the first success of: "candidate" (the evaluated
+    # candidates) or "iterate" (the inputs the gradient forward ran; see :meth:`success_iterations`).
+    success_iteration_of = "candidate"
     # False: each sample keeps its LAST evaluated input (the final iterate, or the one it stopped
     # at) instead of its best; ``success`` then describes that input.
     keep_best = True
     input_range: tuple[float, float] | None = (0.0, 1.0)  # None: no range check (e.g. points in metres)
+    ignore_label: int | None = None  # a label value that marks "no label" (points: -1)
 
     def __init__(
         self,
@@ -347,6 +397,12 @@ class Attack:
         x, _ = self.forward_input(state, idx)
         return x.detach()
 
+    def success_iterations(self, state: dict, first_candidate: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` long ``AttackResult.success_iteration``: by default the first iteration whose
+        evaluated candidate met the goal (``first_candidate``); an attack whose candidates are
+        not evaluated per iteration (``success_iteration_of = "iterate"``) returns its own."""
+        return first_candidate
+
     def check_victim(self, clean: Evaluation) -> None:
         """Raise :class:`DynattackError` when the victim cannot be attacked (seen on clean inputs)."""
 
@@ -369,9 +425,13 @@ class Attack:
         return (self.criterion or self.score)(ev, labels)
 
     def _check_inputs(self, images, labels):
+        """Inputs against the victim (:func:`dynattack.cost.check_input`: dtype, shape), non-empty,
+        finite, in ``input_range``; labels an integer tensor ``(B,)`` (their range is checked after
+        the clean forward, :meth:`_check_labels`). Returns detached copies on the model's device."""
         owner = type(self).__name__
         if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.dim() < 2:
             raise DynattackError(f"{owner}: images must be a floating tensor (B, C, H, W)")
+        cost.check_input(self.model, images, owner)
         if images.shape[0] == 0:
             raise DynattackError(f"{owner}: empty batch")
         if not torch.isfinite(images).all():
@@ -387,10 +447,17 @@ class Attack:
             if self.requires_labels:
                 raise DynattackError(f"{owner}: this attack needs labels: atk(images, labels)")
         else:
-            if not isinstance(labels, torch.Tensor) or labels.shape != images.shape[:1] or labels.is_floating_point():
+            if not _integer_tensor(labels) or labels.shape != images.shape[:1]:
                 raise DynattackError(f"{owner}: labels must be an integer tensor of shape ({images.shape[0]},)")
             labels = labels.detach().to(device).long().clone()
         return images, labels
+
+    def _check_labels(self, labels: torch.Tensor | None, clean: Evaluation) -> None:
+        """Labels within ``[0, model.num_classes)`` where the model declares it, else within the
+        width of its logits (the class dimension 1: ``(B, classes)`` or ``(B, classes, N)``)."""
+        if labels is not None:
+            classes = getattr(self.model, "num_classes", None) or clean.logits.shape[1]
+            check_label_range(type(self).__name__, labels, int(classes), self.ignore_label)
 
     def _evaluation(self, logits: torch.Tensor, trace: Trace, units: GateUnits, full: float) -> Evaluation:
         n = logits.shape[0]
@@ -428,6 +495,7 @@ class Attack:
             self.generator = torch.Generator(device=dev).manual_seed(self.seed)
             clean = self._evaluate(images, full)
             self.check_victim(clean)
+            self._check_labels(labels, clean)
             f_full = cost.full_flops_per_sample(self.model, images)
             state = self.init_state(images, labels, clean)
             best = _Best(images, clean, self._score(clean, labels), self.goal(clean, labels))
@@ -495,7 +563,7 @@ class Attack:
             l2=metrics.l2(images, best.adv),
             linf=metrics.linf(images, best.adv),
             iterations=iterations,
-            success_iteration=best.first,
+            success_iteration=self.success_iterations(state, best.first),
             success=best.success,
             clean_pred=clean.pred,
             adv_pred=best.pred,
@@ -505,6 +573,7 @@ class Attack:
             seconds=time.perf_counter() - start,
             gate_names=clean.gate_names,
             history=self._stack_history(records, B) if self.history else None,
+            success_iteration_of=self.success_iteration_of,
         )
 
     @staticmethod

@@ -27,6 +27,7 @@ import torch
 
 from .base import PerSampleAdam, check_points, check_positive
 from .gradauto import GradAuto
+from .pc_ifgsm import IGNORE
 
 
 class PointGradAuto(GradAuto):
@@ -43,6 +44,7 @@ class PointGradAuto(GradAuto):
 
     name = "pc-gradauto"
     input_range = None  # metres
+    ignore_label = IGNORE
 
     def __init__(self, model, eps: float = 0.02, K: float = 1.0, steps: int = 50, lr: float = 0.1,
                  rectify_direction: bool = True, rectify_magnitude: bool = True, rd_start: int = 0,

@@ -73,6 +73,7 @@ class PointIFGSM(AccuracyAttack):
 
     name = "pc-ifgsm"
     input_range = None  # metres
+    ignore_label = IGNORE
 
     def __init__(self, model, eps: float = 0.02, steps: int = 50, alpha: float | None = None, grad: str = "fgm",
                  lam: float = 10.0, early_stop: bool = False, seed: int = 0, history: bool = False,

@@ -6,7 +6,8 @@ perturbation is in units of the budget, ``xyz' = xyz + eps * delta`` on the real
 rows and features never move), unclipped while optimising as ILFO runs on images, and the
 returned cloud is projected into the box: every coordinate within ``eps`` metres (exactly),
 as ILFO's image is clipped to [0, 1]. Measuring the perturbation in eps units keeps ILFO's
-documented learning rate meaningful whatever the scene's scale.
+documented learning rate meaningful whatever the scene's scale. The per-sample figures mean what
+they mean for ILFO: ``success_iteration`` and the history are those of the unprojected iterates.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 
 from .base import check_points, check_positive
 from .ilfo import ILFO
-from .pc_ifgsm import project_to_box
+from .pc_ifgsm import IGNORE, project_to_box
 
 
 class PointILFO(ILFO):
@@ -29,6 +30,7 @@ class PointILFO(ILFO):
 
     name = "pc-ilfo"
     input_range = None  # metres
+    ignore_label = IGNORE
 
     def __init__(self, model, eps: float = 0.02, steps: int = 50, lr: float = 0.01, lam: float = 1e6,
                  batch_ref: int = 200, seed: int = 0, history: bool = False, progress: bool = True) -> None:
@@ -43,7 +45,8 @@ class PointILFO(ILFO):
         return check_points(type(self).__name__, self.model, points, labels, labels_required=False)
 
     def init_state(self, images, labels, clean):
-        return {"x": images, "real": images[..., -1:] > 0.5, "delta": images.new_zeros(*images.shape[:2], 3)}
+        return {**super().init_state(images, labels, clean), "real": images[..., -1:] > 0.5,
+                "delta": images.new_zeros(*images.shape[:2], 3)}
 
     def _points(self, state, idx, delta):
         points = state["x"][idx]
