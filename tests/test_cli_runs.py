@@ -234,6 +234,15 @@ def test_unwritable_out_is_refused_before_any_work(capsys, tmp_path, place, comm
     assert_one_line_error_in_process(capsys, [*args, "--out", out], needle)
 
 
+def test_out_holding_something_else_is_refused_before_any_work(capsys, tmp_path):
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert_one_line_error_in_process(capsys, ["attack", "--victim", "nope", "--attack", "nope", "--out", str(out)],
+                                     "not empty")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
 def test_read_only_mount_is_refused_before_any_work(capsys, tmp_path, monkeypatch):
     # chmod 0o500 does not stop root: emulate the read-only file system where the probe is created
     def read_only(*args, **kwargs):

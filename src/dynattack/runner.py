@@ -117,21 +117,26 @@ def summarize(records: list[dict], config: dict) -> dict:
 # ----------------------------------------------------------------------------- the run
 
 
-def check_resume(run_dir: Path, resume: bool) -> None:
-    """A directory that holds a run is only continued with --resume."""
-    if (run_dir / "config.json").exists() and not resume:
-        raise DynattackError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """A directory that holds a run is only continued with --resume; one that holds anything else
+    (a temporary file of a killed write aside) is never written into."""
+    if (run_dir / "config.json").exists():
+        if not resume:
+            raise DynattackError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+    elif run_dir.is_dir() and any(not (p.name.startswith(".") and p.name.endswith(".tmp")) for p in run_dir.iterdir()):
+        raise DynattackError(f"--out {run_dir} is not empty and holds no run: choose another --out")
 
 
 def prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> None:
-    make_dirs(run_dir, run_dir / "adv")
-    check_resume(run_dir, resume)
+    check_run_dir(run_dir, resume)
+    make_dirs(run_dir)
     cfg_path = run_dir / "config.json"
     if cfg_path.exists():
         if load_config(run_dir) != config.to_json():
             raise DynattackError(f"--resume: {run_dir} was written by another configuration (see its config.json)")
     else:
-        write_atomic(cfg_path, json.dumps(config.to_json(), indent=2) + "\n")
+        write_atomic(cfg_path, json.dumps(config.to_json(), indent=2) + "\n")  # first: the directory is a run now
+    make_dirs(run_dir / "adv")
     # Keep the lines of batches that are done and whose shard holds their rows (a shard truncated
     # by a full disk or a copy is redone), so appends continue a clean file.
     path = run_dir / "samples.jsonl"
@@ -335,7 +340,7 @@ def run_cli_attack(*, victim, attack, params, out, n, offset, batch_size, seed, 
     rank = int(os.environ.get("RANK", "0"))
     run_dir = out / "ranks" / f"rank{rank}" if world > 1 else out
     # Fail fast, before the victim and the data are loaded: the resume config check needs them.
-    check_resume(run_dir, resume)
+    check_run_dir(run_dir, resume)
     if world > 1:
         _check_merge_target(out, [out / "ranks" / f"rank{r}" for r in range(world)], None)
     if threads is not None:
