@@ -144,6 +144,8 @@ def test_shard_directories_merge_to_the_same_result(tmp_path, weights, reference
     assert proc.returncode == 0, proc.stderr
     assert_same(reference, tmp_path / "merged")
     assert_seconds_sum_batches(tmp_path / "merged", *dirs)
+    figures = [sorted(p.name for p in (d / "figures").glob("*.png")) for d in (reference, tmp_path / "merged")]
+    assert figures[0] == figures[1] and "gate_values.png" in figures[0]  # the history's figures too
     assert {b["threads"] for b in batch_lines(tmp_path / "merged")} == {1}
     # a merge into a directory of another run neither mixes with it nor overwrites it
     other = tmp_path / "other"
