@@ -14,7 +14,6 @@ from dynattack import cost
 from dynattack.gates import Trace, gate_mode
 
 
-EPS32 = torch.finfo(torch.float32).eps
 # Logits that differ only in summation order (another CPU's kernels, thread count, batch size,
 # gathered instead of masked execution) agree within a few hundred float32 ulps of their scale:
 # each of the ~20 layers rounds a dot product of up to 9 * 64 terms of O(1) activations.
