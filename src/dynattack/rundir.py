@@ -24,6 +24,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -110,8 +111,8 @@ def writing(path: Path):
         yield
     except (OSError, SafetensorError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
-        raise DynattackError(f"cannot write {path}: {reason}; finished batches are kept, "
-                             "free space (or choose another --out) and rerun with --resume") from None
+        raise DynattackError(f"cannot write {path}: {reason}; what was finished is kept: free space, then rerun "
+                             "the same command (attack: with --resume)") from None
 
 
 def make_dirs(*paths: Path) -> None:
@@ -148,8 +149,6 @@ def save_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def copy_atomic(src: Path, dst: Path) -> None:
-    import shutil
-
     _replace_from_tmp(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
