@@ -37,7 +37,7 @@ SUMMARY_ROWS = {
     "latency_adv_ms": ("Latency, adversarial", "ms", "batch 1, real conditional execution"),
     "latency_full_ms": ("Latency, all gates on", "ms", "batch 1, every gate forced on"),
     "iterations_mean": ("Iterations", "float1", "mean attack iterations per sample"),
-    "seconds": ("Wall time", "seconds", "whole run"),
+    "seconds": ("Attack time", "seconds", "summed over every batch and process of the run"),
 }
 # Per-sample table columns: record key, header, format ("mflops": FLOPs in M, "pct": fraction in %).
 SAMPLE_COLUMNS = (
