@@ -351,6 +351,14 @@ class Attack:
     # False: each sample keeps its LAST evaluated input (the final iterate, or the one it stopped
     # at) instead of its best; ``success`` then describes that input.
     keep_best = True
+    # True: the first gradient forward runs on the clean inputs themselves (I-FGSM without a random
+    # start). With FGM's hard gates that forward IS the clean evaluation: it is run once, with its
+    # graph, and iteration 0 takes its gradient from it (checked: same rows, same values).
+    starts_at_clean = False
+    # False: ``step`` differentiates the logits only (accuracy attacks), not the trace's gate logits
+    # and values; the trace is then detached after the forward, so what only the gates' logits
+    # needed (block activations the gate heads pooled) is freed before the backward, not after it.
+    gate_gradients = True
     input_range: tuple[float, float] | None = (0.0, 1.0)  # None: no range check (e.g. points in metres)
     ignore_label: int | None = None  # a label value that marks "no label" (points: -1)
 
@@ -479,6 +487,33 @@ class Attack:
             logits = self.model(x)
         return self._evaluation(logits, trace, gate_units(trace, x.shape[0], x.device), full)
 
+    def _gradient_forward(self, x_in: torch.Tensor, full: float) -> Forward:
+        """The gradient forward on ``x_in`` (in the mode ``grad_gate_mode``) and the hard network's
+        verdict on it: the forward itself when the gates are hard, else one more, hard, forward."""
+        hard = self.grad_gate_mode == "hard"
+        mode = contextlib.nullcontext() if hard else gate_mode(self.model, self.grad_gate_mode, lam=self.grad_lam)
+        with mode, Trace() as trace:
+            logits = self.model(x_in)
+        if not self.gate_gradients:
+            for event in trace:
+                for key, value in vars(event).items():
+                    if isinstance(value, torch.Tensor) and value.requires_grad:
+                        setattr(event, key, value.detach())
+        units = gate_units(trace, x_in.shape[0], x_in.device)
+        if hard:
+            ev = self._evaluation(logits, trace, units, full)
+        else:  # the soft forward is not the network being attacked: ask the hard one
+            ev = self._evaluate(x_in.detach(), full)
+        return Forward(x_in, logits, trace, units, ev)
+
+    def _evaluate_clean(self, images: torch.Tensor, full: float) -> tuple[Evaluation, Forward | None]:
+        """The hard network on the clean inputs, and, when the first gradient forward would be that
+        very forward (:attr:`starts_at_clean` and hard gates), that forward for iteration 0."""
+        if not (self.starts_at_clean and self.grad_gate_mode == "hard" and self.steps > 0):
+            return self._evaluate(images, full), None
+        first = self._gradient_forward(images.clone().requires_grad_(), full)
+        return first.ev, first
+
     def __call__(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> AttackResult:
         start = time.perf_counter()
         # Callers may be inside no_grad / inference_mode: the attack needs autograd (and copies
@@ -493,7 +528,7 @@ class Attack:
         with victim_context(self.model):
             full = cost.profile(self.model, tuple(images.shape[1:])).full
             self.generator = torch.Generator(device=dev).manual_seed(self.seed)
-            clean = self._evaluate(images, full)
+            clean, first = self._evaluate_clean(images, full)
             self.check_victim(clean)
             self._check_labels(labels, clean)
             f_full = cost.full_flops_per_sample(self.model, images)
@@ -505,7 +540,6 @@ class Attack:
             iterations = torch.zeros(B, dtype=torch.long, device=dev)
             records: list[tuple[torch.Tensor, dict]] = []
             lab = (lambda rows: None) if labels is None else (lambda rows: labels[rows])
-            hard = self.grad_gate_mode == "hard"
 
             bar = tqdm(range(self.steps), desc=self.name, disable=not self.progress, leave=False)
             for it in bar:
@@ -513,27 +547,26 @@ class Attack:
                 if idx.numel() == 0:
                     break
                 x_in, leaf = self.forward_input(state, idx)
-                mode = contextlib.nullcontext() if hard else gate_mode(self.model, self.grad_gate_mode, lam=self.grad_lam)
-                with mode, Trace() as trace:
-                    logits = self.model(x_in)
-                units = gate_units(trace, idx.numel(), dev)
-                if hard:
-                    ev = self._evaluation(logits, trace, units, full)
-                else:  # the soft forward is not the network being attacked: ask the hard one
-                    ev = self._evaluate(x_in.detach(), full)
+                if first is not None and leaf is x_in and idx.numel() == B and torch.equal(x_in, first.x):
+                    fwd = first  # the clean evaluation ran this very forward
+                    leaf = fwd.x
+                else:
+                    fwd = self._gradient_forward(x_in, full)
+                first = None
+                ev = fwd.ev
                 if self.evaluates_candidate:
-                    x_c = x_in.detach()
+                    x_c = fwd.x.detach()
                     best.offer(idx, x_c, ev, self._score(ev, lab(idx)), self.goal(ev, lab(idx)), it,
                                force=not self.keep_best)
                     stop = self.should_stop(state, idx, ev, lab(idx))
                 else:
                     stop = torch.zeros(idx.numel(), dtype=torch.bool, device=dev)
                 keep = ~stop
-                stats = self.step(state, idx, leaf, Forward(x_in, logits, trace, units, ev), keep, it)
+                stats = self.step(state, idx, leaf, fwd, keep, it)
                 iterations[idx[keep]] += 1
                 active[idx[stop]] = False
                 if self.history:
-                    rec = {"flops": ev.flops, "l2": metrics.l2(images[idx], x_in.detach()),
+                    rec = {"flops": ev.flops, "l2": metrics.l2(images[idx], fwd.x.detach()),
                            "gate_value": ev.gate_value, "gate_on": ev.gate_on}
                     rec.update({k: v.detach() for k, v in stats.items()})
                     records.append((idx, rec))
@@ -542,6 +575,9 @@ class Attack:
                     if self.evaluates_candidate:
                         post["done"] = int(best.success.sum())
                     bar.set_postfix(post, refresh=False)
+                # What backward did not consume (the gates' logit paths, kept by the trace) would
+                # otherwise live through the next forward.
+                del fwd, x_in, leaf, stats
             bar.close()
 
             # The last update of rows still running has not been evaluated yet.
@@ -625,6 +661,7 @@ class AccuracyAttack(Attack):
     """
 
     requires_labels = True
+    gate_gradients = False
 
     def __init__(self, model, *, steps, grad: str = "fgm", lam: float = 1.0, targeted: bool = False, **kw) -> None:
         super().__init__(model, steps=steps, **kw)

@@ -101,6 +101,10 @@ class IFGSM(AccuracyAttack):
     random_start = False
     mu: float | None = None  # momentum (MI-FGSM)
 
+    @property
+    def starts_at_clean(self) -> bool:
+        return not self.random_start
+
     def __init__(
         self,
         model,
@@ -155,16 +159,28 @@ class IFGSM(AccuracyAttack):
         mask[chosen] = 1
         return mask.view(*lead, *spatial)
 
-    def project(self, x_new: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Into the eps ball around ``x``, into [0, 1], and back to ``x`` outside the mask.
-
-        Exact: computed in float64, rounded to the input dtype, and where that rounding left the
-        ball (by one ulp) moved one representable value towards ``x``, so ``|x_adv - x| <= eps``
-        holds with no tolerance."""
+    def ball(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lo, hi)``: the least and the greatest value of ``x``'s dtype in [0, 1] within ``eps`` of
+        ``x``, elementwise, exactly: the nearest value to ``x +- eps`` (computed in float64, clipped to
+        [0, 1]), moved one representable value towards ``x`` where that rounding left the ball."""
         x64 = x.double()
-        out64 = (x64 + (x_new.double() - x64).clamp(-self.eps, self.eps)).clamp(0, 1)
-        out = out64.to(x.dtype)
-        out = torch.where((out.double() - x64).abs() > self.eps, torch.nextafter(out, x), out)
+        hi = (x64 + self.eps).clamp(0, 1).to(x.dtype)
+        hi = torch.where(hi.double() - x64 > self.eps, torch.nextafter(hi, x), hi)
+        lo = (x64 - self.eps).clamp(0, 1).to(x.dtype)
+        lo = torch.where(x64 - lo.double() > self.eps, torch.nextafter(lo, x), lo)
+        return lo, hi
+
+    def project(self, x_new: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None,
+                ball: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Into the eps ball around ``x``, into [0, 1], and back to ``x`` outside the mask, so
+        ``|x_adv - x| <= eps`` holds with no tolerance: ``x_new`` clipped to :meth:`ball` (pass it
+        when projecting around the same ``x`` again). The same values as clipping ``x_new - x`` in
+        float64 and rounding back (no float64 per step): an ``x_new`` within the ball is one of its
+        values and stays, one beyond it goes to the ball's value nearest ``x +- eps``, ``lo`` or
+        ``hi``. (They differ only where float64 cannot hold ``x_new - x``, ``x_new`` under 2^-29 of
+        ``x``: clipping keeps that ``x_new``, the float64 sum rounded it.)"""
+        lo, hi = self.ball(x) if ball is None else ball
+        out = x_new.clamp(lo, hi)
         return out if mask is None else torch.where(mask.bool(), out, x)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -189,11 +205,12 @@ class IFGSM(AccuracyAttack):
     # ---- hooks -------------------------------------------------------------------------------
     def init_state(self, images, labels, clean):
         mask = self.pixel_mask(images)
+        ball = self.ball(images)  # once: every iterate is projected around the same images
         adv = images.clone()
         if self.random_start:  # uniform in the eps ball (inside the mask), then into [0, 1]
             u = torch.rand(images.shape, generator=self.generator, device=images.device, dtype=images.dtype)
-            adv = self.project(images + (2 * u - 1) * self.eps, images, mask)
-        state = {"x": images, "labels": labels, "adv": adv, "mask": mask}
+            adv = self.project(images + (2 * u - 1) * self.eps, images, mask, ball)
+        state = {"x": images, "labels": labels, "adv": adv, "mask": mask, "lo": ball[0], "hi": ball[1]}
         if self.mu is not None:
             state["momentum"] = torch.zeros_like(images)
         return state
@@ -206,7 +223,7 @@ class IFGSM(AccuracyAttack):
         rows = idx[keep]
         d = self.direction(g[keep], state, rows)
         x_new = leaf.detach()[keep] + self.alpha * d.sign()
-        state["adv"][rows] = self.project(x_new, state["x"][rows], mask)
+        state["adv"][rows] = self.project(x_new, state["x"][rows], mask, (state["lo"][rows], state["hi"][rows]))
         return {"loss": loss.detach(), "grad_norm": g.detach().flatten(1).norm(dim=1)}
 
     def score(self, ev, labels):
