@@ -207,10 +207,16 @@ def read_records(run_dir: Path) -> list[dict]:
 
 
 def load_config(run_dir: Path) -> dict:
+    """config.json of a run directory, checked to hold every field of a :class:`RunConfig`."""
     try:
-        return json.loads((run_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DynattackError(f"{run_dir} is not a readable run directory ({exc})") from None
+    missing = [f for f in RunConfig.__dataclass_fields__ if not isinstance(config, dict) or f not in config]
+    if missing:
+        raise DynattackError(f"{run_dir}/config.json is not a dynattack run configuration "
+                             f"(missing {', '.join(missing)})")
+    return config
 
 
 def load_adversarial(run_dir: Path, indices: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
