@@ -123,6 +123,33 @@ def test_executed_flops_refuses_a_trace_at_another_resolution_naming_the_gate():
         cost.executed_flops(model, trace)
 
 
+class BlockGated(nn.Module):
+    """One block gate (a single unit per sample, at any resolution) over a fully convolutional
+    conv: its unit count cannot tell the resolution, its FLOPs grow with it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.gate = Gate(controls=[self.conv])
+
+    def forward(self, x):
+        q = x.mean((1, 2, 3)) - 0.2
+        return (self.gate(q)[:, None, None, None] * self.conv(x)).mean((2, 3))
+
+
+def test_executed_flops_refuses_a_block_gate_trace_at_another_resolution():
+    model = BlockGated()
+    cost.calibrate(model, (1, 4, 4))
+    with torch.no_grad(), Trace() as trace:
+        model(torch.full((2, 1, 4, 4), 0.5))
+    assert cost.executed_flops(model, trace).tolist() == [2 * 2 * 9 * 16] * 2  # conv on every position
+    with torch.no_grad(), Trace() as trace:
+        model(torch.full((2, 1, 8, 8), 0.5))
+    # one unit per sample at 8x8 as at 4x4: only the recorded input shape shows the difference
+    with pytest.raises(DynattackError, match=r"executed_flops: BlockGated takes inputs of shape \(B, 1, 4, 4\)"):
+        cost.executed_flops(model, trace)
+
+
 @pytest.mark.parametrize("call, takes_tensor", [
     (lambda m, x: cost.profile(m, tuple(x.shape[1:])), False),  # used to recalibrate the zoo victim silently
     (lambda m, x: cost.calibrate(m, tuple(x.shape[1:])), False),

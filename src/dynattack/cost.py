@@ -13,9 +13,9 @@ is calibrated on the first shape it is given and refuses any other until ``calib
 again for the new shape. Refusing rather than recalibrating silently keeps every figure of one
 model consistent: a recalibration would change the unit costs under traces already recorded
 (clean FLOPs counted at one shape, adversarial ones at another). :func:`executed_flops` sees only
-a trace: it refuses events whose unit count differs from the calibration's (a spatial gate run at
-another resolution); gates whose unit count does not depend on the resolution (a block, a
-channel) cannot tell, which is why the input is checked where it is seen.
+a trace: it refuses a trace whose forward ran on another input shape (``calibrate`` installs a
+forward pre-hook that records the shape into every recording trace) and events whose unit count
+differs from the calibration's (a spatial gate run at another resolution).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import DynattackError
-from .gates import Trace, force_gates, iter_gates
+from .gates import Trace, force_gates, iter_gates, record_input
 
 
 @dataclass
@@ -136,6 +136,9 @@ def calibrate(model: nn.Module, input_shape: tuple[int, ...]) -> CostProfile:
     profile = CostProfile(tuple(input_shape), full, full - sum(gated.values()), gated,
                           {name: units[name] for name in gated})
     model._cost_profile = profile
+    if not getattr(model, "_records_input_shape", False):  # traces then know what shape they ran
+        model.register_forward_pre_hook(record_input)
+        model._records_input_shape = True
     return profile
 
 
@@ -156,7 +159,8 @@ def profile(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> Cos
 
 
 def _check_unit_counts(model: nn.Module, trace: Trace, prof: CostProfile) -> None:
-    """Refuse gate events whose units per sample differ from the calibration's."""
+    """Refuse a trace of inputs of another shape than the calibration's (recorded by the hook
+    ``calibrate`` installs), and gate events whose units per sample differ from the calibration's."""
     for event in trace:
         calibrated = prof.units.get(event.name)
         if calibrated is not None and event.units != calibrated:
@@ -164,6 +168,8 @@ def _check_unit_counts(model: nn.Module, trace: Trace, prof: CostProfile) -> Non
                 f"gate {event.name} ran {event.units} units per sample, {type(model).__name__} was calibrated "
                 f"with {calibrated} at input shape {prof.input_shape}: the traced forward ran on inputs of "
                 f"another shape, whose FLOPs this profile does not give")
+    for shape in trace.input_shapes:  # gates whose unit count does not grow with the input (a block)
+        _check_shape(model, shape, "executed_flops", prof.input_shape)
 
 
 def executed_flops(model: nn.Module, trace: Trace) -> torch.Tensor:

@@ -62,6 +62,9 @@ class Trace:
 
     def __init__(self) -> None:
         self.events: list[GateEvent] = []
+        # per-sample input shapes of the traced forwards of models that report them
+        # (:func:`record_input`; ``cost.calibrate`` installs the hook that does)
+        self.input_shapes: list[tuple[int, ...]] = []
         self._token = None
 
     def __enter__(self) -> "Trace":
@@ -79,6 +82,7 @@ class Trace:
 
     def clear(self) -> None:
         self.events.clear()
+        self.input_shapes.clear()
 
     def flat(self, attr: str) -> torch.Tensor:
         """``(B, total_units)``: one field (logit, value, decision, mask) of every event,
@@ -95,6 +99,14 @@ def record(event: GateEvent) -> None:
     """Append ``event`` to every recording trace (gates with their own event type call this)."""
     for trace in _active_traces.get():
         trace.events.append(event)
+
+
+def record_input(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook: note the per-sample shape of the model's input in every recording trace,
+    so FLOPs counted from the trace can be checked against the shape they were calibrated at."""
+    if tracing() and args and isinstance(args[0], torch.Tensor) and args[0].dim() > 0:
+        for trace in _active_traces.get():
+            trace.input_shapes.append(tuple(args[0].shape[1:]))
 
 
 def _straight_through(gate: "Gate", logit: torch.Tensor) -> torch.Tensor:
