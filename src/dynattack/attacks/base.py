@@ -19,7 +19,10 @@ Per iteration the loop runs one forward on the active rows only, evaluates it on
 (the gradient forward itself when the gates are hard and the forward input is the candidate, so
 no extra forward), keeps each sample's best input (:meth:`Attack.score`, ties broken by the lower
 L2 distortion), stops the samples :meth:`Attack.should_stop` says are done, and lets the attack
-update the rest. Nothing loops over samples in Python.
+update the rest. Nothing loops over samples in Python. An attack whose first forward runs the hard
+network on the clean inputs (``starts_at_clean``: I-FGSM without a random start) takes iteration 0
+from the clean evaluation's forward: ``steps`` iterations cost ``steps`` forwards with a graph and
+one more to evaluate the last update.
 
 The victim is any ``nn.Module`` mapping ``(B, ...)`` inputs to logits whose gates record into a
 :class:`~dynattack.gates.Trace`. Attacks read the trace and the logits only: this module (and every
@@ -210,8 +213,8 @@ class Forward:
 
     x: torch.Tensor  # the input it ran on (attached to ``leaf``)
     logits: torch.Tensor  # attached to the graph
-    trace: Trace
-    units: GateUnits  # values attached to the graph
+    trace: Trace  # attached to the graph, detached where the attack's ``gate_gradients`` is False
+    units: GateUnits  # values attached to the graph (likewise)
     ev: Evaluation  # the hard network's verdict on ``x`` (on the candidate, for ILFO on x as run)
 
 
