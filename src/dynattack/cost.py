@@ -124,7 +124,7 @@ def calibrate(model: nn.Module, input_shape: tuple[int, ...]) -> CostProfile:
     units = {}
     for event in trace:
         if event.name in units:
-            raise ValueError(f"gate {event.name} was called twice in one forward; give each call its own Gate")
+            raise DynattackError(f"gate {event.name} was called twice in one forward; give each call its own Gate")
         units[event.name] = event.units
     gated = {}
     for name, gate in iter_gates(model):
@@ -154,7 +154,7 @@ def profile(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> Cos
         return prof
     shape = input_shape or expected
     if shape is None:
-        raise ValueError("the model has no cost profile: call dynattack.cost.calibrate(model, input_shape)")
+        raise DynattackError("the model has no cost profile: call dynattack.cost.calibrate(model, input_shape)")
     return calibrate(model, shape)
 
 
@@ -185,12 +185,12 @@ def executed_flops(model: nn.Module, trace: Trace) -> torch.Tensor:
     total = None
     for event in trace:
         if event.unit_cost is None:
-            raise ValueError(f"gate {event.name} has no unit cost: calibrate the model first")
+            raise DynattackError(f"gate {event.name} has no unit cost: calibrate the model first")
         on = event.decision.to(torch.float64) * event.unit_cost
         per_sample = on.reshape(on.shape[0], -1).sum(1)
         total = per_sample if total is None else total + per_sample
     if total is None:
-        raise ValueError("the trace holds no gate event: run the forward inside `with Trace()`")
+        raise DynattackError("the trace holds no gate event: run the forward inside `with Trace()`")
     return total + prof.static
 
 

@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import DynattackError
+from .errors import DynattackError, first_line
 
 SUMMARY_KEYS = (
     "victim", "attack", "n", "clean_acc", "adv_acc", "flops_full", "flops_clean", "flops_adv", "recovery_pct",
@@ -110,7 +110,7 @@ def writing(path: Path):
     try:
         yield
     except (OSError, SafetensorError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
         raise DynattackError(f"cannot write {path}: {reason}; what was finished is kept: free space, then rerun "
                              "the same command (attack: with --resume)") from None
 
@@ -226,7 +226,7 @@ def load_adversarial(run_dir: Path, indices: list[int] | None = None) -> tuple[t
         try:
             t = load_file(str(path))
         except Exception as exc:  # a truncated shard: report, do not crash deep inside
-            raise DynattackError(f"shard {path} is corrupt ({str(exc).splitlines()[0]}); delete it and --resume") from None
+            raise DynattackError(f"shard {path} is corrupt ({first_line(exc)}); delete it and --resume") from None
         idx.append(t["index"])
         adv.append(t["adv"])
     if not idx:

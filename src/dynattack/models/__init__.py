@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .. import cost
-from ..errors import DynattackError
+from ..errors import DynattackError, first_line
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
@@ -134,7 +134,7 @@ def _read_safetensors(path: Path, head: bytes, size: int) -> dict[str, torch.Ten
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise DynattackError(
-            f"weights file {path} is a corrupt or truncated safetensors file ({_first_line(exc)})") from None
+            f"weights file {path} is a corrupt or truncated safetensors file ({first_line(exc)})") from None
 
 
 def _read_torch_save(path: Path, kind: str) -> dict[str, torch.Tensor]:
@@ -154,7 +154,7 @@ def _read_torch_save(path: Path, kind: str) -> dict[str, torch.Tensor]:
             "re-save it as a plain state_dict (torch.save(model.state_dict(), ...)) or as safetensors"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise DynattackError(f"weights file {path} is a corrupt or truncated {what} ({_first_line(exc)})") from None
+        raise DynattackError(f"weights file {path} is a corrupt or truncated {what} ({first_line(exc)})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # the official releases wrap the weights
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -162,17 +162,11 @@ def _read_torch_save(path: Path, kind: str) -> dict[str, torch.Tensor]:
     return obj
 
 
-def _first_line(exc: BaseException) -> str:
-    """The first sentence of an exception's message, or its type where the message is empty (EOFError)."""
-    text = str(exc).strip()
-    return text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
-
-
 def _unpickling_reason(exc: pickle.UnpicklingError) -> str:
     """torch's weights-only refusal is a page of advice around one line of reason: keep that line."""
     advice = ("Weights only load failed", "Please file an issue", "Check the documentation")
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.strip().startswith(advice)]
-    return lines[0] if lines else _first_line(exc)
+    return lines[0] if lines else first_line(exc)
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:

@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..errors import DynattackError
+from ..errors import DynattackError, first_line
 from ..rundir import load_config, read_records
 
 
@@ -69,7 +69,7 @@ def _read_json(path: Path, required: bool):
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DynattackError(f"{path} is unreadable ({str(exc).splitlines()[0]}); rerun the run with --resume "
+        raise DynattackError(f"{path} is unreadable ({first_line(exc)}); rerun the run with --resume "
                              "to rewrite it") from None
 
 
@@ -111,7 +111,7 @@ def load_run(run_dir: Path) -> Run:
         try:
             history = load_file(str(path))
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            notes.append(f"history.safetensors is unreadable ({str(exc).splitlines()[0]}): no per-iteration figure.")
+            notes.append(f"history.safetensors is unreadable ({first_line(exc)}): no per-iteration figure.")
     return Run(run_dir, config, summary, gates, taus, records, history, notes)
 
 
@@ -125,7 +125,7 @@ def load_inputs(run: Run, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         try:
             t = load_file(str(path))
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise Skip(f"shard {path.name} is unreadable ({str(exc).splitlines()[0]})") from None
+            raise Skip(f"shard {path.name} is unreadable ({first_line(exc)})") from None
         if "clean" not in t or "adv" not in t:
             raise Skip(f"shard {path.name} holds no 'clean' and 'adv' tensors")
         index = t.get("index", torch.arange(len(t["adv"])))
