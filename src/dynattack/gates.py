@@ -112,7 +112,7 @@ def record_input(module: nn.Module, args: tuple) -> None:
 def _straight_through(gate: "Gate", logit: torch.Tensor) -> torch.Tensor:
     """Hard forward, gradient of the gate value (SkipNet's SP estimator)."""
     soft = gate.value_fn(logit)
-    hard = (logit >= 0).to(logit.dtype)
+    hard = gate.decide(logit).to(logit.dtype)
     return hard + (soft - soft.detach())  # brackets: the forward value is exactly 0 or 1
 
 
@@ -125,6 +125,8 @@ class Gate(nn.Module):
         train_estimator: ``f(gate, logit) -> mask`` used in ``train`` mode (default: straight-through).
         controls: the modules whose FLOPs one unit of this gate runs (split evenly over units);
             :func:`dynattack.cost.calibrate` measures them. Not registered as submodules.
+        strict: decide ``q > 0`` instead of ``q >= 0`` (the two differ only at an exact tie),
+            for families whose official rule is strict (SkipNet: ``sigmoid(q) > 0.5``).
     """
 
     def __init__(
@@ -133,9 +135,11 @@ class Gate(nn.Module):
         tau: float = 0.5,
         train_estimator: Callable[["Gate", torch.Tensor], torch.Tensor] | None = None,
         controls: list[nn.Module] | None = None,
+        strict: bool = False,
     ) -> None:
         super().__init__()
         self.value_fn = value_fn
+        self.strict = bool(strict)
         self.tau = float(tau)
         self.train_estimator = train_estimator or _straight_through
         self.controls: list[nn.Module] = list(controls or [])  # plain list: not submodules
@@ -148,8 +152,12 @@ class Gate(nn.Module):
     def extra_repr(self) -> str:
         return f"name={self.name!r}, tau={self.tau}, mode={self.mode}"
 
+    def decide(self, logit: torch.Tensor) -> torch.Tensor:
+        """The hard decision of each unit (bool): ``q >= 0``, or ``q > 0`` when ``strict``."""
+        return logit > 0 if self.strict else logit >= 0
+
     def forward(self, logit: torch.Tensor) -> torch.Tensor:
-        hard = logit >= 0
+        hard = self.decide(logit)
         if self.force is not None:
             decision = torch.full_like(hard, self.force == "on")
             mask = decision.to(logit.dtype)
