@@ -18,13 +18,22 @@ train      the family's estimator       its own (default straight-through)
 While a :class:`Trace` is recording, every gate call appends a :class:`GateEvent`. Attacks,
 metrics and reports read traces and model outputs, nothing else.
 
+What a network declares, once, where it is defined (:mod:`dynattack.cost` measures the rest and
+states the whole contract): each decision is a ``Gate`` called once per forward; ``controls``:
+the modules whose output its units decide; ``feeds``: modules whose input channels its units
+are (a conv between two channel gates); ``within``: the gate enclosing it where the structure
+does not show it (an exit after an earlier exit); ``gate(q, rows=idx)``: a call on the rows of
+the batch still running (a batched early exit), which the event keeps (:meth:`GateEvent.full`
+puts them back in their rows of the whole batch).
+
 This module imports nothing else of the package.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -47,11 +56,22 @@ class GateEvent:
     decision: torch.Tensor  # bool: does the unit run in the hard network (forced gates included)
     mask: torch.Tensor  # what the forward multiplied by in the current mode
     unit_cost: torch.Tensor | None  # FLOPs one unit runs when on, broadcastable to unit_shape
+    # rows of the full batch this call ran on (a gate called on the rows still running), None:
+    # every row; keyword-only so that event subclasses may add fields without defaults
+    rows: torch.Tensor | None = field(default=None, kw_only=True)
 
     @property
     def units(self) -> int:
         """Units per sample."""
-        return int(self.logit[0].numel())
+        return math.prod(self.logit.shape[1:])
+
+    def full(self, attr: str, batch: int, fill) -> torch.Tensor:
+        """``(batch, *unit_shape)``: one field of the event with the rows it ran on in place and
+        ``fill`` in the rows it did not run on (differentiable through the rows that ran)."""
+        t = getattr(self, attr)
+        if self.rows is None:
+            return t
+        return t.new_full((batch, *t.shape[1:]), fill).index_copy(0, self.rows, t)
 
 
 class Trace:
@@ -65,6 +85,9 @@ class Trace:
         # per-sample input shapes of the traced forwards of models that report them
         # (:func:`record_input`; ``cost.calibrate`` installs the hook that does)
         self.input_shapes: list[tuple[int, ...]] = []
+        # per traced forward of such a model: its batch size and the index of its first event
+        self.batch_sizes: list[int] = []
+        self.forward_starts: list[int] = []
         self._token = None
 
     def __enter__(self) -> "Trace":
@@ -83,11 +106,27 @@ class Trace:
     def clear(self) -> None:
         self.events.clear()
         self.input_shapes.clear()
+        self.batch_sizes.clear()
+        self.forward_starts.clear()
+
+    def batch_size(self) -> int:
+        """Rows of the traced batch: as recorded by :func:`record_input`, else the rows of the
+        first event called on the whole batch."""
+        if self.batch_sizes:
+            return self.batch_sizes[0]
+        for e in self.events:
+            if e.rows is None:
+                return e.logit.shape[0]
+        raise ValueError("the trace does not tell its batch size: every gate ran on a sub-batch "
+                         "of a forward without the input hook cost.calibrate installs")
 
     def flat(self, attr: str) -> torch.Tensor:
         """``(B, total_units)``: one field (logit, value, decision, mask) of every event,
-        flattened per sample and concatenated in call order."""
-        return torch.cat([getattr(e, attr).reshape(e.logit.shape[0], -1) for e in self.events], dim=1)
+        flattened per sample and concatenated in call order. Rows a sub-batch gate call did not
+        run on hold 0 (False for decisions)."""
+        n = self.batch_size() if self.events else 0
+        fill = False if attr == "decision" else 0.0
+        return torch.cat([e.full(attr, n, fill).reshape(n, -1) for e in self.events], dim=1)
 
 
 def tracing() -> bool:
@@ -107,6 +146,8 @@ def record_input(module: nn.Module, args: tuple) -> None:
     if tracing() and args and isinstance(args[0], torch.Tensor) and args[0].dim() > 0:
         for trace in _active_traces.get():
             trace.input_shapes.append(tuple(args[0].shape[1:]))
+            trace.batch_sizes.append(args[0].shape[0])
+            trace.forward_starts.append(len(trace.events))
 
 
 def _straight_through(gate: "Gate", logit: torch.Tensor) -> torch.Tensor:
@@ -123,8 +164,16 @@ class Gate(nn.Module):
         value_fn: maps a logit to the bounded gate value G (default sigmoid, with ``tau`` 0.5).
         tau: the threshold on G; ``value_fn(0)`` must equal ``tau``.
         train_estimator: ``f(gate, logit) -> mask`` used in ``train`` mode (default: straight-through).
-        controls: the modules whose FLOPs one unit of this gate runs (split evenly over units);
+        controls: the modules whose output this gate's units decide (a block, a conv's output
+            channels, its output positions); their FLOPs split evenly over the units.
             :func:`dynattack.cost.calibrate` measures them. Not registered as submodules.
+        feeds: modules whose *input* side this gate's units are (the next conv reads only the
+            channels this gate kept): such a module costs its FLOPs x active-in / units x
+            active-out / units of the gate controlling it (1 when none does).
+        within: the gate whose decision encloses this one (an exit after an earlier exit): a
+            unit runs only where that gate's unit is on too (its unit shape a prefix of this
+            one's). Needed only where calibration cannot see it: a gate called inside a module
+            another gate controls, or controlling a module inside one, is nested there.
         strict: decide ``q > 0`` instead of ``q >= 0`` (the two differ only at an exact tie),
             for families whose official rule is strict (SkipNet: ``sigmoid(q) > 0.5``).
     """
@@ -136,6 +185,8 @@ class Gate(nn.Module):
         train_estimator: Callable[["Gate", torch.Tensor], torch.Tensor] | None = None,
         controls: list[nn.Module] | None = None,
         strict: bool = False,
+        feeds: list[nn.Module] | None = None,
+        within: "Gate | None" = None,
     ) -> None:
         super().__init__()
         self.value_fn = value_fn
@@ -143,6 +194,8 @@ class Gate(nn.Module):
         self.tau = float(tau)
         self.train_estimator = train_estimator or _straight_through
         self.controls: list[nn.Module] = list(controls or [])  # plain list: not submodules
+        self.feeds: list[nn.Module] = list(feeds or [])
+        self._within = [within] if within is not None else []  # a list: not a submodule
         self.mode = "hard"
         self.lam = 1.0
         self.force: str | None = None
@@ -156,7 +209,14 @@ class Gate(nn.Module):
         """The hard decision of each unit (bool): ``q >= 0``, or ``q > 0`` when ``strict``."""
         return logit > 0 if self.strict else logit >= 0
 
-    def forward(self, logit: torch.Tensor) -> torch.Tensor:
+    @property
+    def within(self) -> "Gate | None":
+        return self._within[0] if self._within else None
+
+    def forward(self, logit: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The mask of ``logit`` ``(n, *unit_shape)``. ``rows``: the rows of the full batch these
+        ``n`` are (a gate called on the rows still running, as a batched early exit calls it);
+        rows it is not called on run none of its units."""
         hard = self.decide(logit)
         if self.force is not None:
             decision = torch.full_like(hard, self.force == "on")
@@ -180,6 +240,7 @@ class Gate(nn.Module):
                 decision=decision.detach(),
                 mask=mask,
                 unit_cost=self.unit_cost,
+                rows=None if rows is None else rows.detach(),
             ))
         return mask
 

@@ -23,12 +23,12 @@ moves with the input, so pruned channels carry gradient for attacks and LGM. In 
 the mask is the hard keep rule with no gradient through it (official): the saliency factor
 ``s`` carries the gradient to the mask block.
 
-Costs. A channel kept by ``mb1`` costs its share of ``conv1`` (each gate ``controls`` its conv, so
-:func:`dynattack.cost.calibrate` measures per-channel costs). ``conv2`` only reads the channels
-``mb1`` kept, so it costs ``active-in x active-out``: per block,
-``n1 * u1 + n1 * n2 * u2 / C`` with ``n1, n2`` the kept counts, ``u1, u2`` the calibrated
-per-channel costs and ``C`` the block width; :meth:`ManiDPResNet.executed_flops` is this rule,
-vectorised. Static: stem, mask blocks (their FCs), shortcut projections, classifier.
+Costs, declared: ``mb1``'s gate controls ``conv1`` (its output channels) and feeds ``conv2`` (its
+input channels: conv2 reads only the channels ``mb1`` kept); ``mb2``'s gate controls ``conv2``.
+So :func:`dynattack.cost.calibrate` measures and :func:`dynattack.cost.executed_flops` counts,
+per block, ``n1 * F1 / C + n1 * n2 * F2 / C^2`` (``n1, n2`` the kept counts, ``F1, F2`` the
+convs' FLOPs, ``C`` the block width: active-in x active-out), with no family rule. Static:
+stem, mask blocks (their FCs), shortcut projections, classifier.
 :meth:`ManiDPResNet.forward_conditional` slices the conv and BN weights to the kept channels of
 each sample (batch 1 per sample), so ``FlopCounterMode`` counts exactly that work.
 
@@ -45,8 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import cost
-from ..gates import Gate, Trace, iter_gates
+from ..gates import Gate, iter_gates
 from .resnet import build_gated_resnet, downsample
 
 # The official CIFAR loaders' input statistics.
@@ -62,7 +61,8 @@ def keep_rule(gate: Gate, logit: torch.Tensor) -> torch.Tensor:
 class MaskBlock(nn.Module):
     """Channel saliency and keep decision of one mask (see the module docstring)."""
 
-    def __init__(self, cin: int, cout: int, hidden: int, controls: list[nn.Module], clamp_max: float = 1000.0) -> None:
+    def __init__(self, cin: int, cout: int, hidden: int, controls: list[nn.Module], clamp_max: float = 1000.0,
+                 feeds: list[nn.Module] | None = None) -> None:
         super().__init__()
         self.fc1 = nn.Linear(cin, hidden, bias=False)
         self.fc2 = nn.Linear(hidden, cout)
@@ -71,7 +71,7 @@ class MaskBlock(nn.Module):
         nn.init.ones_(self.fc2.bias)
         self.clamp_max = float(clamp_max)
         self.register_buffer("thre", torch.zeros(()))  # 0 keeps every channel (s >= 0)
-        self.gate = Gate(train_estimator=keep_rule, controls=controls)
+        self.gate = Gate(train_estimator=keep_rule, controls=controls, feeds=feeds)
 
     def forward(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``pooled``: ``(B, C_in)`` globally averaged features. Returns (saliency, gate mask),
@@ -98,7 +98,7 @@ class ManiDPBlock(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.downsample = downsample(cin, cout, stride)
-        self.mb1 = MaskBlock(cin, cout, cout // reduction, [self.conv1], clamp_max)
+        self.mb1 = MaskBlock(cin, cout, cout // reduction, [self.conv1], clamp_max, feeds=[self.conv2])
         self.mb2 = MaskBlock(cout, cout, cout // reduction, [self.conv2], clamp_max)
 
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
@@ -185,7 +185,6 @@ class ManiDPResNet(nn.Module):
                            mean=mean, std=std, widths=widths)
         self._init_weights()
         list(iter_gates(self))  # names the gates: "layer1.0.mb1.gate", "layer1.0.mb2.gate", ...
-        self._second = {b.mb1.gate.name: b.mb2.gate.name for b in self.blocks}
 
     def _init_weights(self) -> None:
         """The official initialisation (He-normal convs over fan-out, unit BN; mask blocks
@@ -228,29 +227,6 @@ class ManiDPResNet(nn.Module):
         for block in self.blocks:
             x = block.forward_conditional(x)
         return self._head(x)
-
-    # -- cost ------------------------------------------------------------------------------
-
-    def executed_flops(self, trace: Trace) -> torch.Tensor:
-        """``(B,)`` float64 FLOPs each sample ran: static + per block ``n1 * u1 + n1 * n2 * u2 / C``
-        (``n1``, ``n2``: channels kept by ``mb1``, ``mb2``; ``u1``, ``u2``: their calibrated
-        per-channel costs; ``C``: conv2's input width). Events come in (mb1, mb2) pairs per block."""
-        prof = cost.profile(self)
-        events = trace.events
-        if not events:
-            raise ValueError("the trace holds no gate event: run the forward inside `with Trace()`")
-        if len(events) % 2 or any(self._second.get(a.name) != b.name for a, b in zip(events[0::2], events[1::2])):
-            raise ValueError("the trace is not a sequence of this model's forwards (mb1, mb2 per block)")
-        total = None
-        for a, b in zip(events[0::2], events[1::2]):
-            if a.unit_cost is None or b.unit_cost is None:
-                raise ValueError(f"gate {a.name} has no unit cost: calibrate the model first")
-            n1 = a.decision.reshape(a.decision.shape[0], -1).sum(1, dtype=torch.float64)
-            n2 = b.decision.reshape(b.decision.shape[0], -1).sum(1, dtype=torch.float64)
-            u1, u2 = a.unit_cost.to(n1.device), b.unit_cost.to(n1.device)
-            part = n1 * u1 + n1 * n2 * (u2 / a.units)
-            total = part if total is None else total + part
-        return total + prof.static
 
 
 def manidp_cifar(depth: int = 20, in_channels: int = 3, num_classes: int = 10, input_size: int = 32,
