@@ -11,7 +11,8 @@ the first block always runs. Three gate kinds, as in the official release:
 
 Every decision goes through a :class:`dynattack.gates.Gate` with logit ``q`` (``G = sigmoid(q)``,
 ``tau = 0.5``); a 2-logit FF gate gives ``q = l_on - l_off``, so ``sigmoid(q)`` is the official
-softmax "execute" probability. The gate of a block controls the block's residual branch only.
+softmax "execute" probability. A block runs when ``q > 0`` (a strict gate), as the official
+``prob > 0.5`` says: at an exact tie it is skipped. The gate of a block controls the block's residual branch only.
 
 How a decision combines with the block (the official rule): with ``s`` the shortcut (the
 ``group{g}_ds{i}`` projection where the shape changes, else the identity),
@@ -207,7 +208,7 @@ class SkipNet(nn.Module):
                 cin = width * expansion
                 self.layout.append((name, ds_name, previous_gate))
                 if previous_gate is not None:
-                    self.gates[name] = Gate(controls=[branch])
+                    self.gates[name] = Gate(controls=[branch], strict=True)  # official: prob > 0.5
                 if len(self.layout) < total:  # the last block's gate would decide nothing
                     previous_gate = f"group{g}_gate{i}"
                     if gate == "rnn":
