@@ -300,7 +300,7 @@ def test_image_folder_split_and_errors(tmp_path):
 
 
 def test_load_dataset_dispatch(tmp_path):
-    assert DATASETS == ("fashion-mnist", "cifar10", "folder")
+    assert DATASETS == ("fashion-mnist", "cifar10", "cifar100", "folder")
     write_cifar_batch(tmp_path / "test_batch", np.zeros((3, 3072), np.uint8), [1, 2, 3])
     data = load_dataset("CIFAR10", root=tmp_path)
     assert data.images.shape == (3, 3, 32, 32) and data.labels.tolist() == [1, 2, 3]

@@ -1,7 +1,7 @@
 """Image datasets from their standard on-disk formats, as float tensors in [0, 1].
 
-Readers: Fashion-MNIST IDX files, CIFAR-10 python batches (read with an unpickler that only
-rebuilds numpy arrays), and ImageNet-style class folders. None downloads anything: users bring
+Readers: Fashion-MNIST IDX files, CIFAR-10 and CIFAR-100 python batches (read with an unpickler
+that only rebuilds numpy arrays), and ImageNet-style class folders. None downloads anything: users bring
 their data; a missing file raises :class:`DynattackError` saying where we looked.
 """
 from __future__ import annotations
@@ -165,12 +165,15 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
             return self._allowed[(module, name)]
         except KeyError:
             raise DynattackError(
-                f"refusing to load {module}.{name} from a CIFAR-10 batch: the file is not a plain numpy pickle"
+                f"refusing to load {module}.{name} from a CIFAR batch: the file is not a plain numpy pickle"
             ) from None
 
 
-def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """One python batch: a dict with b'data' uint8 (N, 3072) (R, G, B planes of 32x32) and b'labels'."""
+def _read_cifar_batch(path: Path, label_key: str = "labels",
+                      classes: tuple[str, ...] = CIFAR10_CLASSES) -> tuple[np.ndarray, np.ndarray]:
+    """One python batch: a dict with b'data' uint8 (N, 3072) (R, G, B planes of 32x32) and the
+    labels under ``label_key`` (CIFAR-10: b'labels'; CIFAR-100: b'fine_labels')."""
+    what = f"CIFAR-{len(classes)}"
     try:
         with open(path, "rb") as f:
             # encoding='bytes': the official files are Python 2 pickles with byte-string keys
@@ -178,18 +181,24 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except DynattackError as exc:
         raise DynattackError(f"{path}: {exc}") from None
     except Exception as exc:  # any malformed pickle: one clear line, never a traceback
-        raise DynattackError(f"cannot read CIFAR-10 batch {path}: {type(exc).__name__}: {exc}") from None
+        raise DynattackError(f"cannot read {what} batch {path}: {type(exc).__name__}: {exc}") from None
     if not isinstance(batch, dict):
-        raise DynattackError(f"{path} is not a CIFAR-10 python batch (expected a dict, got {type(batch).__name__})")
+        raise DynattackError(f"{path} is not a {what} python batch (expected a dict, got {type(batch).__name__})")
     data = batch.get(b"data", batch.get("data"))
-    labels = batch.get(b"labels", batch.get("labels"))
+    labels = batch.get(label_key.encode(), batch.get(label_key))
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise DynattackError(f"{path}: 'data' must be a uint8 array of shape (N, 3072)")
     labels = np.asarray(labels if labels is not None else [], dtype=np.int64)
     if labels.shape != (len(data),):
-        raise DynattackError(f"{path}: expected {len(data)} labels, found shape {labels.shape}")
-    check_labels(torch.from_numpy(labels), len(CIFAR10_CLASSES), str(path))
+        raise DynattackError(f"{path}: expected {len(data)} {label_key!r}, found shape {labels.shape}")
+    check_labels(torch.from_numpy(labels), len(classes), str(path))
     return data, labels
+
+
+def _cifar_images(parts: list[tuple[np.ndarray, np.ndarray]], pad: int | None, classes: tuple[str, ...]) -> ImageSet:
+    images = torch.from_numpy(np.concatenate([p[0] for p in parts])).reshape(-1, 3, 32, 32).float().div_(255.0)
+    labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
+    return ImageSet(pad_to(images, pad) if pad else images, labels, classes)
 
 
 def load_cifar10(split: str = "test", root: str | Path | None = None, pad: int | None = None) -> ImageSet:
@@ -210,13 +219,41 @@ def load_cifar10(split: str = "test", root: str | Path | None = None, pad: int |
             f"CIFAR-10 {split} batches ({', '.join(names)}) not found in {root} "
             f"or {candidates[1]}; {CIFAR10_HINT}"
         )
-    parts = [_read_cifar_batch(folder / n) for n in names]
-    data = np.concatenate([p[0] for p in parts])
-    images = torch.from_numpy(data).reshape(-1, 3, 32, 32).float().div_(255.0)
-    labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
-    if pad:
-        images = pad_to(images, pad)
-    return ImageSet(images, labels, CIFAR10_CLASSES)
+    return _cifar_images([_read_cifar_batch(folder / n) for n in names], pad, CIFAR10_CLASSES)
+
+
+# --- CIFAR-100 python files --------------------------------------------------------------------
+
+CIFAR100_DIR = Path("~/.cache/dynattack/cifar100").expanduser()
+# the 100 fine classes in label order (the release's meta file lists them alphabetically)
+CIFAR100_CLASSES = tuple("""
+apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can castle
+caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin elephant flatfish
+forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster man maple_tree motorcycle
+mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree plain plate poppy porcupine
+possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper snail snake spider squirrel streetcar
+sunflower sweet_pepper table tank telephone television tiger tractor train trout tulip turtle wardrobe whale
+willow_tree wolf woman worm""".split())
+
+
+def load_cifar100(split: str = "test", root: str | Path | None = None, pad: int | None = None) -> ImageSet:
+    """CIFAR-100 (3x32x32, 100 fine classes) from the standard python files ``train`` (50 000
+    images) and ``test`` (10 000), labels from ``fine_labels``.
+
+    Looks in ``root`` (else $DYNATTACK_DATA, else ``~/.cache/dynattack/cifar100``) and in its
+    ``cifar-100-python/`` subdirectory. ``pad`` zero-pads to ``pad`` x ``pad``.
+    """
+    if split not in ("train", "test"):
+        raise DynattackError(f"unknown split {split!r}; expected train or test")
+    root = _data_root(root, CIFAR100_DIR)
+    folder = next((d for d in (root, root / "cifar-100-python") if (d / split).is_file()), None)
+    if folder is None:
+        raise DynattackError(
+            f"CIFAR-100 {split} file ({split}) not found in {root} or {root / 'cifar-100-python'}; download "
+            "cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html, extract it there, "
+            "or pass --data DIR / set DYNATTACK_DATA"
+        )
+    return _cifar_images([_read_cifar_batch(folder / split, "fine_labels", CIFAR100_CLASSES)], pad, CIFAR100_CLASSES)
 
 
 # --- ImageNet-style class folders --------------------------------------------------------------
@@ -279,7 +316,7 @@ def load_image_folder(
 
 # --- one entry point ---------------------------------------------------------------------------
 
-DATASETS = ("fashion-mnist", "cifar10", "folder")
+DATASETS = ("fashion-mnist", "cifar10", "cifar100", "folder")
 
 
 def load_dataset(
@@ -287,19 +324,21 @@ def load_dataset(
 ) -> ImageSet:
     """Load a dataset by name (one of :data:`DATASETS`) as an :class:`ImageSet`.
 
-    ``split=None`` means ``test`` for fashion-mnist and cifar10, and ``root`` itself for
+    ``split=None`` means ``test`` for fashion-mnist, cifar10 and cifar100, and ``root`` itself for
     ``folder`` (where a split is a sub-directory such as ``val``). ``folder`` needs ``root`` and
     takes ``size`` and ``crop`` in ``kw``. ``pad`` zero-pads to ``pad`` x ``pad``.
     """
     key = name.lower().replace("_", "-")
-    key = {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10"}.get(key, key)
-    if key in ("fashion-mnist", "cifar10") and kw:
+    key = {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "cifar-100": "cifar100"}.get(key, key)
+    if key in ("fashion-mnist", "cifar10", "cifar100") and kw:
         raise DynattackError(f"dataset {key} takes no options {', '.join(sorted(kw))}")
     if key == "fashion-mnist":
         images, labels = load_fashion_mnist(split or "test", root, pad)
         return ImageSet(images, labels, FASHION_MNIST_CLASSES)
     if key == "cifar10":
         return load_cifar10(split or "test", root, pad)
+    if key == "cifar100":
+        return load_cifar100(split or "test", root, pad)
     if key == "folder":
         if root is None:
             raise DynattackError("the folder dataset needs a directory: pass --data DIR")
