@@ -38,14 +38,16 @@ def models_cmd() -> None:
     """List the victim zoo with measured accuracy (mIoU for point victims) and compute kept (from the model cards)."""
     from .models import list_models
 
-    rows = [("name", "family", "params", "accuracy (point victims: mIoU)", "compute kept", "shipped")]
+    rows = [("name", "family", "dataset", "params", "accuracy (point victims: mIoU)", "compute kept", "shipped")]
     for m in list_models():
         card = m["card"] or {}
         score = card.get("miou", card.get("accuracy"))
         acc = f"{100 * score:.2f} %" if score is not None else "-"
         kept = f"{card['compute_kept_pct']:.1f} %" if "compute_kept_pct" in card else "-"
         params = f"{card['params'] / 1e6:.2f} M" if "params" in card else "-"
-        rows.append((m["name"], m["family"], params, acc, kept, "yes" if m["shipped"] else "no (dynattack train)"))
+        shipped = ("yes" if m["shipped"] else "no — bring the official .pth" if m["official"]
+                   else "no (dynattack train)")
+        rows.append((m["name"], m["family"], m["dataset"], params, acc, kept, shipped))
     _print_table(rows)
 
 
@@ -98,9 +100,10 @@ def eval_cmd(
         raise DynattackError(f"--n {n}: the {dataset} test split holds {len(y)} images")
     x, y = x[:n], y[:n]
     res = evaluate(model, x, y)
-    rows = [("victim", name), ("images", f"{len(y)} (test split)"), ("accuracy", f"{100 * res['accuracy']:.2f} %"),
-            ("FLOPs (mean)", f"{res['flops_mean'] / 1e6:.2f} M"), ("FLOPs (all gates on)", f"{res['flops_full'] / 1e6:.2f} M"),
-            ("compute kept", f"{res['compute_kept_pct']:.1f} %")]
+    rows = [("victim", name)] + ([("weights", str(weights))] if weights is not None else [])
+    rows += [("dataset", dataset), ("images", f"{len(y)} (test split)"), ("accuracy", f"{100 * res['accuracy']:.2f} %"),
+             ("FLOPs (mean)", f"{res['flops_mean'] / 1e6:.2f} M"), ("FLOPs (all gates on)", f"{res['flops_full'] / 1e6:.2f} M"),
+             ("compute kept", f"{res['compute_kept_pct']:.1f} %")]
     if latency_n:
         sub = x[:latency_n].to(dev)
         lat = cost.batch1_latency_ms(model, {"clean": (sub, None), "on": (sub, "on")})
@@ -208,7 +211,7 @@ def attack_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads per process (default: as "
                                           "OMP_NUM_THREADS says; torchrun sets 1), recorded in batches.jsonl"),
     weights: Optional[Path] = typer.Option(None, help="victim weights (safetensors or official .pth) instead of the zoo's"),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="fashion-mnist, cifar10 or folder (default: the victim's)"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="fashion-mnist, cifar10, cifar100 or folder (default: the victim's)"),
     data: Optional[Path] = DataOpt,
     device: str = DeviceOpt,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars"),

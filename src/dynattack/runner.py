@@ -314,12 +314,14 @@ def _load_victim_and_data(victim: str, weights, data, device: str, dataset: str,
     before anything is written."""
     from .data import check_labels, load_dataset
     from .data.point_batch import POINT_DATASETS
-    from .models import create_model, victim_classes
+    from .models import create_model, get_spec, victim_classes
 
     if dataset in POINT_DATASETS:  # the first `count` scenes (see the point-cloud section)
         return _load_victim_and_points(victim, weights, device, dataset, count)
     model = create_model(victim, weights=weights, device=device)
-    images, labels = load_dataset(dataset, None, data)[:2]
+    spec = get_spec(victim)
+    # the victim's own reader options (an ImageNet victim's resize and centre crop) on its own dataset
+    images, labels = load_dataset(dataset, None, data, **(spec.data_args if dataset == spec.dataset else {}))[:2]
     if tuple(images.shape[1:]) != tuple(model.input_shape):
         raise DynattackError(f"{victim} takes inputs of shape {tuple(model.input_shape)}, the data has "
                              f"{tuple(images.shape[1:])} (wrong channel count or size)")

@@ -20,6 +20,7 @@ from torch import nn
 
 from .. import cost
 from ..errors import DynattackError, first_line
+from ..gates import iter_gates
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
@@ -32,6 +33,10 @@ class ModelSpec:
     description: str
     dataset: str = "fashion-mnist"
     train_args: dict = field(default_factory=dict)  # the recipe's settings, read by dynattack.train
+    # An official release's architecture: no weights ship and no recipe trains it; this names the
+    # release's model whose checkpoint (the user's own .pth) it loads.
+    official: str = ""
+    data_args: dict = field(default_factory=dict)  # options of the dataset's reader (folder: size, crop)
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -73,6 +78,7 @@ def list_models() -> list[dict]:
             "dataset": spec.dataset,
             "description": spec.description,
             "shipped": weights_path(name).exists(),
+            "official": spec.official,
             "card": read_card(name),
         })
     return rows
@@ -172,10 +178,20 @@ def _unpickling_reason(exc: pickle.UnpicklingError) -> str:
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load our native layout, or a family's official layout when the family knows it
     (``model.convert_official(state_dict)``). Mismatched keys are listed in the error."""
-    state = read_state_dict(path)
+    return _load_state(model, read_state_dict(path), path)
+
+
+def _own_layout(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` under ``model``'s names: as it is when the key sets agree, else converted from
+    the family's official layout where the family knows one."""
+    if set(state) != set(model.state_dict()) and hasattr(model, "convert_official"):
+        return model.convert_official(state)
+    return state
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> nn.Module:
     own = model.state_dict()
-    if set(state) != set(own) and hasattr(model, "convert_official"):
-        state = model.convert_official(state)
+    state = _own_layout(model, state)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
@@ -200,6 +216,50 @@ def _short(keys: list[str], n: int = 8) -> str:
     return "[" + ", ".join(keys[:n]) + "]" + more
 
 
+# Meta-device builds of the registered architectures (shapes only, no memory), one per build
+# function: entries that share a builder (an official SP model and its RL twin) share the build.
+_SHAPE_TWINS: dict[Callable[[], nn.Module], nn.Module] = {}
+
+
+def _shape_twin(spec: ModelSpec) -> nn.Module:
+    if spec.build not in _SHAPE_TWINS:
+        with torch.device("meta"):
+            _SHAPE_TWINS[spec.build] = spec.build()
+    return _SHAPE_TWINS[spec.build]
+
+
+def _gate_count(model: nn.Module) -> int:
+    return sum(1 for _ in iter_gates(model))
+
+
+def fitting_models(state: dict[str, torch.Tensor]) -> list[str]:
+    """The registered victims whose state_dict (native, or converted from the family's official
+    layout) has exactly the keys and shapes of ``state``."""
+    fits = []
+    for name in sorted(_REGISTRY):
+        twin = _shape_twin(_REGISTRY[name])
+        own, mapped = twin.state_dict(), _own_layout(twin, state)
+        if set(mapped) == set(own) and all(mapped[k].shape == own[k].shape for k in own):
+            fits.append(name)
+    return fits
+
+
+def _load_named(model: nn.Module, name: str, path: str | Path) -> None:
+    """Load ``path`` into victim ``name``; a file of another registered architecture is named in
+    the error (e.g. a SkipNet-110 checkpoint given to a SkipNet-38 name)."""
+    state = read_state_dict(path)
+    try:
+        _load_state(model, state, path)
+    except DynattackError:
+        others = [n for n in fitting_models(state) if n != name]
+        if not others:
+            raise
+        gates = _gate_count(_shape_twin(_REGISTRY[others[0]]))
+        raise DynattackError(
+            f"{path} holds another architecture: it fits {' or '.join(others)} ({gates} gates), not {name} "
+            f"({_gate_count(model)} gates); pass that name instead") from None
+
+
 def create_model(name: str, pretrained: bool = True, weights: str | Path | None = None,
                  device: str | torch.device = "cpu") -> nn.Module:
     """A victim from the zoo in eval mode, with its cost profile measured.
@@ -207,14 +267,16 @@ def create_model(name: str, pretrained: bool = True, weights: str | Path | None 
     ``weights`` loads a file of the user's (safetensors, or an official ``.pth``) instead of ours.
     """
     spec = get_spec(name)
+    if weights is None and pretrained:
+        if spec.official:
+            raise DynattackError(f"{name} ships no weights: pass the official checkpoint ({spec.official}) with "
+                                 f"--weights FILE")
+        weights = weights_path(name)
+        if not weights.exists():
+            raise DynattackError(f"no shipped weights for {name}: train them with `dynattack train {name}`")
     model = spec.build()
     if weights is not None:
-        load_weights(model, weights)
-    elif pretrained:
-        path = weights_path(name)
-        if not path.exists():
-            raise DynattackError(f"no shipped weights for {name}: train them with `dynattack train {name}`")
-        load_weights(model, path)
+        _load_named(model, name, weights)
     model.name = name
     model.card = read_card(name)
     model.to(device).eval()
@@ -385,3 +447,69 @@ register(ModelSpec(
     train_args={"scenes": SYNTHETIC_SPLIT_SIZES["train"], "eval_scenes": SYNTHETIC_SPLIT_SIZES["test"], "epochs": 4,
                 "lr": 2e-3, "weight_decay": 1e-4},
 ))
+
+
+# -- official architectures (bring the official checkpoint) ------------------------------------
+#
+# The released SkipNet and DynConv models, by name: their official state_dicts (as the official
+# training scripts save them: {'state_dict': ..., 'arch', 'epoch' or 'iter', 'best_prec1'} from
+# DataParallel, keys prefixed 'module.') load exactly through `convert_official`. No weights ship
+# (the official links are dead): `--weights FILE` is required. Inputs in [0, 1]; each model
+# normalises inside with the statistics the official loaders used (CIFAR-10's also for CIFAR-100).
+# SkipNet+RL (HRL) checkpoints hold the same tensors as the SP ones (same modules, the policy's
+# LSTM and projection under the same names), so each RL entry shares its SP twin's builder.
+
+import functools  # noqa: E402
+
+from .resnet import stage_layout  # noqa: E402
+
+for _dataset, _title, _classes in (("cifar10", "CIFAR-10", 10), ("cifar100", "CIFAR-100", 100)):
+    for _depth in (38, 110):
+        _ff = "ffgate1" if _depth < 110 else "ffgate2"  # the release: FFGate-I for 38/74, FFGate-II for 110
+        _rnn = functools.partial(_skipnet.skipnet_cifar, _depth, gate="rnn", num_classes=_classes)
+        _ff_arch = f"{_dataset}_feedforward_{_depth}"
+        if (_dataset, _depth) == ("cifar100", 38):
+            _ff_arch = "cifar100_feeforward_38"  # the release's own spelling of this one name
+        for _gate, _build, _arch, _what in (
+            ("ff", functools.partial(_skipnet.skipnet_cifar, _depth, gate=_ff, num_classes=_classes),
+             _ff_arch,
+             f"{'FFGate-I' if _ff == 'ffgate1' else 'FFGate-II'} feed-forward gates, SP (the release's FF +RL "
+             "checkpoints hold the same tensors and load too)"),
+            ("rnn", _rnn, f"{_dataset}_rnn_gate_{_depth}", "shared-LSTM RNN gate, SP (straight-through)"),
+            ("rnn-rl", _rnn, f"{_dataset}_rnn_gate_rl_{_depth}",
+             "shared-LSTM RNN gate policy, SP then HRL (REINFORCE)"),
+        ):
+            register(ModelSpec(
+                name=f"skipnet{_depth}-{_gate}-{_dataset}-official",
+                family="skipnet",
+                build=_build,
+                description=f"official SkipNet-{_depth} on {_title} ({3 * stage_layout(_depth) - 1} gated "
+                            f"blocks), {_what}",
+                dataset=_dataset,
+                official=f"ucbdrive/skipnet cifar/models.py {_arch}",
+            ))
+
+_skipnet101 = functools.partial(_skipnet.skipnet_imagenet, 101, gate="rnn")
+for _gate, _arch, _what in (("rnn", "imagenet_rnn_gate_101", "SP (straight-through)"),
+                            ("rnn-rl", "imagenet_rnn_gate_rl_101", "SP then HRL (REINFORCE)")):
+    register(ModelSpec(
+        name=f"skipnet101-{_gate}-imagenet-official",
+        family="skipnet",
+        build=_skipnet101,
+        description=f"official SkipNet-101 on ImageNet (bottleneck blocks, 32 gated), shared-LSTM RNN gate, {_what}; "
+                    "data: an ImageNet-style val folder holding all 1000 synset folders (sorted = label order)",
+        dataset="folder",
+        official=f"ucbdrive/skipnet imagenet/models.py {_arch}",
+        data_args={"size": 256, "crop": 224},  # the release's evaluation: Scale(256), CenterCrop(224)
+    ))
+
+for _depth in (20, 32):
+    register(ModelSpec(
+        name=f"dynconv-resnet{_depth}-cifar10-official",
+        family="dynconv",
+        build=functools.partial(_dynconv.dynconv_cifar, _depth),
+        description=f"official DynConv ResNet-{_depth} on CIFAR-10 ({3 * stage_layout(_depth)} sparse blocks), "
+                    "per-position masks, conv1 on the 3x3-dilated mask",
+        dataset="cifar10",
+        official=f"thomasverelst/dynconv classification/models/resnet_32x32.py resnet{_depth}(sparse=True)",
+    ))

@@ -34,6 +34,9 @@ def train_model(name: str, seed: int = 0, out_dir: str | Path = WEIGHTS_DIR, dat
                 epochs: int | None = None, limit: int | None = None, log=print) -> Path:
     """Train victim NAME from scratch and write NAME.safetensors + NAME.json into ``out_dir``."""
     spec = get_spec(name)
+    if spec.official:
+        raise DynattackError(f"{name} is an official release's architecture, with no training recipe here: bring its "
+                             f"checkpoint ({spec.official}) and pass --weights FILE")
     extra = {}
     if "init_from" in spec.train_args:  # a second stage (SkipNet HRL) starts from the first one's weights
         first = Path(out_dir) / f"{spec.train_args['init_from']}.safetensors"
