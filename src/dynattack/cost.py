@@ -7,7 +7,9 @@
 * each gate declares, where the network is defined, the modules its units decide:
   ``Gate(controls=[...])`` (a skipped block, a conv's output channels or positions, an exit's
   later stages and head), and ``feeds=[...]`` for modules whose *input* channels are its units
-  (the next conv of a chain of channel gates reads only the kept channels);
+  (the next conv of a chain of channel gates reads only the kept channels), and
+  ``experts=[...]`` for a router: expert ``e`` runs on the units ``[..., e]`` (unit shape
+  ``(T, E)``, top-k routing is the logit ``score - threshold between the k-th and (k+1)-th``);
 * a gate that runs only where another gate's unit is on is nested in it: calibration sees that
   when the gate is called inside a module another gate controls, or controls a module inside
   one; otherwise it is declared, ``Gate(controls=[...], within=exit1_gate)``. The enclosing
@@ -24,7 +26,7 @@ hierarchical: a module's count includes the modules it calls, so a module's own 
 the declared modules inside it) and inside which gate's module each gate is called. It turns
 the declarations into cost terms ``(flops, output-side gate, input-side gate)``; executed FLOPs
 of a batch are then, vectorised, ``static + sum_terms flops x n_out / U_out x n_in / U_in`` with
-``n`` a gate's active units per sample after nesting. Mis-declarations are a
+``n`` a gate's active units per sample after nesting (an expert's: those of its slice). Mis-declarations are a
 :class:`~dynattack.errors.DynattackError` naming the gate, never a silent zero: a gate that
 controls and feeds nothing (or only modules that ran no FLOPs), a module controlled (or fed) by
 two gates, a module outside the model, a gate called twice in one forward, a nesting whose unit
@@ -34,9 +36,9 @@ made of these pieces keeps its own ``executed_flops(trace)`` on the model: only 
 U-Net, whose cost is kernel-map pairs among occupied voxels (neighbourhood structure of each
 scene, not a count of active units) and whose full network depends on the scene.
 
-Where the design grows next: a term's cost as a polynomial in active units measured at several
-counts (attention over active tokens); routed units (top-k experts) as one term per expert over
-its slice of a ``(T, E)`` gate.
+Where the design grows next: a term's cost as a polynomial in its active units, measured at
+calibration by running the controlled module on 1, 2, ... of its tokens (attention over active
+tokens is quadratic); a term then holds coefficients instead of one FLOPs figure.
 
 Unit costs hold for one input shape only (a convolution's FLOPs grow with the resolution), so every
 entry point that sees an input checks it with :func:`check_input`: a zoo victim takes exactly
@@ -72,6 +74,7 @@ class CostTerm:
     out_gate: str | None
     in_gate: str | None
     modules: list[str]  # the declared modules it sums
+    expert: int | None = None  # an expert: the output side is the units [..., expert] of out_gate
 
 
 @dataclass
@@ -175,21 +178,24 @@ def _module_flops(model: nn.Module, x: torch.Tensor, declared: list[nn.Module]):
     return float(counter.get_total_flops()), per_module, trace, ran_inside, called_inside
 
 
-def _declared(model: nn.Module, gates: dict[str, Gate], attr: str) -> dict[int, tuple[nn.Module, str]]:
-    """id(module) -> (module, gate name) of every module some gate lists in ``attr`` (controls or
-    feeds); a module listed by two gates, or not part of the model, is an error."""
+def _declared(model: nn.Module, gates: dict[str, Gate], *attrs: str) -> dict[int, tuple[nn.Module, str, int | None]]:
+    """id(module) -> (module, gate name, expert index or None) of every module some gate lists in
+    ``attrs`` (controls and experts, or feeds); a module listed by two gates, or not part of the
+    model, is an error."""
     inside = {id(m) for m in model.modules()}
-    owner: dict[int, tuple[nn.Module, str]] = {}
+    owner: dict[int, tuple[nn.Module, str, int | None]] = {}
     for name, gate in gates.items():
-        for module in getattr(gate, attr):
-            if id(module) not in inside:
-                raise DynattackError(f"gate {name} {attr} a {type(module).__name__} that is not a module of "
-                                     f"{type(model).__name__}: list modules the network runs")
-            if id(module) in owner and owner[id(module)][1] != name:
-                verb = "controlled" if attr == "controls" else "fed"
-                raise DynattackError(f"module {type(module).__name__} is {verb} by two gates, {owner[id(module)][1]} "
-                                     f"and {name}: its FLOPs would count twice; list it in one gate's {attr}")
-            owner[id(module)] = (module, name)
+        for attr in attrs:
+            for i, module in enumerate(getattr(gate, attr)):
+                if id(module) not in inside:
+                    raise DynattackError(f"gate {name} {attr} a {type(module).__name__} that is not a module of "
+                                         f"{type(model).__name__}: list modules the network runs")
+                if id(module) in owner and owner[id(module)][1] != name:
+                    verb = "fed" if attr == "feeds" else "controlled"
+                    raise DynattackError(f"module {type(module).__name__} is {verb} by two gates, "
+                                         f"{owner[id(module)][1]} and {name}: its FLOPs would count twice; "
+                                         f"list it in one gate's {attr}")
+                owner[id(module)] = (module, name, i if attr == "experts" else None)
     return owner
 
 
@@ -204,12 +210,15 @@ def _cost_terms(model: nn.Module, gates: dict[str, Gate], units: dict[str, int],
         parent = ran_inside.get(mid)
         return None if parent is None else id(parent)
 
-    def out_gate(mid: int | None) -> str | None:  # the gate deciding a module's output
+    def out_side(mid: int | None) -> tuple[str | None, int | None]:  # (gate, expert) deciding a module's output
         while mid is not None:
             if mid in controlled:
-                return controlled[mid][1]
+                return controlled[mid][1], controlled[mid][2]
             mid = outer(mid)
-        return None
+        return None, None
+
+    def out_gate(mid: int | None) -> str | None:
+        return out_side(mid)[0]
 
     # a module's own FLOPs: its count less the declared modules that ran inside it
     own = {mid: per_module.get(names[mid], 0.0) for mid in nodes}
@@ -218,9 +227,9 @@ def _cost_terms(model: nn.Module, gates: dict[str, Gate], units: dict[str, int],
         if parent is not None:
             own[parent] -= per_module.get(names[mid], 0.0)
     grouped: dict[tuple, CostTerm] = {}
-    for mid, (module, _) in nodes.items():
-        key = (out_gate(mid), fed[mid][1] if mid in fed else None)
-        term = grouped.setdefault(key, CostTerm(0.0, key[0], key[1], []))
+    for mid in nodes:
+        key = (*out_side(mid), fed[mid][1] if mid in fed else None)
+        term = grouped.setdefault(key, CostTerm(0.0, key[0], key[2], [], key[1]))
         term.flops += own[mid]
         term.modules.append(names[mid])
 
@@ -237,7 +246,7 @@ def _cost_terms(model: nn.Module, gates: dict[str, Gate], units: dict[str, int],
             call_site = called_inside.get(name)
             if call_site is not None and out_gate(id(call_site)) not in (None, name):
                 found.add(out_gate(id(call_site)))
-            enclosing = {out_gate(outer(id(m))) for m in gate.controls} - {name}
+            enclosing = {out_gate(outer(id(m))) for m in gate.controls + gate.experts} - {name}
             if len(enclosing) > 1:
                 where = ", ".join(sorted("no gate's" if g is None else f"gate {g}'s" for g in enclosing))
                 raise DynattackError(f"gate {name} controls modules inside different gates' modules ({where}): "
@@ -268,12 +277,15 @@ def _cost_terms(model: nn.Module, gates: dict[str, Gate], units: dict[str, int],
                 raise DynattackError(f"gate {name} feeds {names[id(module)]}, which reads {width} input channels, "
                                      f"but has {units[name]} units: a fed module's inputs are the gate's units")
         flops = sum(t.flops for t in grouped.values() if name in (t.out_gate, t.in_gate))
-        if not gate.controls and not gate.feeds:
+        if gate.experts and (not shapes[name] or shapes[name][-1] != len(gate.experts)):
+            raise DynattackError(f"gate {name} routes to {len(gate.experts)} experts but its unit shape is "
+                                 f"{shapes[name]}: the last unit axis must hold one unit per expert")
+        if not gate.controls and not gate.feeds and not gate.experts:
             raise DynattackError(f"gate {name} controls nothing: declare the modules its units run, "
                                  f"Gate(controls=[...]) (or feeds=[...]); without them its units cost 0 FLOPs")
         if flops <= 0:
             raise DynattackError(f"gate {name}'s modules ran no FLOPs at calibration: it controls "
-                                 f"{', '.join(names[id(m)] for m in gate.controls + gate.feeds)}; declare the "
+                                 f"{', '.join(names[id(m)] for m in gate.controls + gate.experts + gate.feeds)}; declare the "
                                  f"modules that do the work its units decide")
     return list(grouped.values()), parents
 
@@ -291,13 +303,13 @@ def calibrate(model: nn.Module, input_shape: tuple[int, ...]) -> CostProfile:
     all_gates = dict(iter_gates(model))
     controlled = fed = {}
     if not family_rule:
-        controlled, fed = _declared(model, all_gates, "controls"), _declared(model, all_gates, "feeds")
+        controlled, fed = _declared(model, all_gates, "controls", "experts"), _declared(model, all_gates, "feeds")
     was_training = model.training
     model.eval()
     try:
         param = next(model.parameters(), None)
         x = torch.zeros((1, *input_shape), device=param.device if param is not None else "cpu")
-        declared_modules = [m for m, _ in list(controlled.values()) + list(fed.values())]
+        declared_modules = [m for m, *_ in list(controlled.values()) + list(fed.values())]
         full, per_module, trace, ran_inside, called_inside = _module_flops(model, x, declared_modules)
     finally:
         model.train(was_training)
@@ -417,18 +429,29 @@ def _forward_flops(model: nn.Module, prof: CostProfile, events: list[GateEvent],
             active[name] = d
         return active[name]
 
-    # count_nonzero: a bool sum(dtype=...) takes a slow path (~1000x on (256, 784))
-    counts = {name: torch.count_nonzero(effective(name).reshape(batch, -1), 1).to(device, torch.float64)
-              for name in by_name}
+    counted: dict[tuple, tuple[torch.Tensor, int]] = {}
+
+    def count(gate: str, expert: int | None) -> tuple[torch.Tensor, int]:
+        """(active units per sample, units per sample) of a gate, or of one expert's slice of it;
+        a gate the forward did not call ran none of its units. count_nonzero: a bool
+        ``sum(dtype=...)`` takes a slow path (~1000x on (256, 784))."""
+        if (gate, expert) not in counted:
+            if gate not in by_name:
+                counted[gate, expert] = torch.zeros(batch, dtype=torch.float64, device=device), 1
+            else:
+                d = effective(gate) if expert is None else effective(gate)[..., expert]
+                counted[gate, expert] = torch.count_nonzero(d.reshape(batch, -1), 1).to(device, torch.float64), \
+                    d[0].numel()
+        return counted[gate, expert]
+
     total = torch.full((batch,), prof.static, dtype=torch.float64, device=device)
     for term in prof.terms:
         factor, units = None, 1
-        for gate in (term.out_gate, term.in_gate):
+        for gate, expert in ((term.out_gate, term.expert), (term.in_gate, None)):
             if gate is not None:
-                count = counts.get(gate)  # a gate the forward did not call ran none of its units
-                count = torch.zeros_like(total) if count is None else count
-                factor = count if factor is None else factor * count
-                units *= prof.units.get(gate, 1)
+                n, u = count(gate, expert)
+                factor = n if factor is None else factor * n
+                units *= u
         # one rounding: integer counts x integer FLOPs stay exact in float64
         total = total + factor * term.flops / units
     return total

@@ -22,7 +22,8 @@ What a network declares, once, where it is defined (:mod:`dynattack.cost` measur
 states the whole contract): each decision is a ``Gate`` called once per forward; ``controls``:
 the modules whose output its units decide; ``feeds``: modules whose input channels its units
 are (a conv between two channel gates); ``within``: the gate enclosing it where the structure
-does not show it (an exit after an earlier exit); ``gate(q, rows=idx)``: a call on the rows of
+does not show it (an exit after an earlier exit); ``experts``: the modules of a routing gate's
+last unit axis (top-k experts); ``gate(q, rows=idx)``: a call on the rows of
 the batch still running (a batched early exit), which the event keeps (:meth:`GateEvent.full`
 puts them back in their rows of the whole batch).
 
@@ -174,6 +175,9 @@ class Gate(nn.Module):
             unit runs only where that gate's unit is on too (its unit shape a prefix of this
             one's). Needed only where calibration cannot see it: a gate called inside a module
             another gate controls, or controlling a module inside one, is nested there.
+        experts: routing (mixture of experts): expert ``e`` runs on the units ``[..., e]`` of this
+            gate (unit shape ``(T, E)``: token t goes through expert e); it costs its FLOPs x its
+            active units / its units. "All on" is every token through every expert.
         strict: decide ``q > 0`` instead of ``q >= 0`` (the two differ only at an exact tie),
             for families whose official rule is strict (SkipNet: ``sigmoid(q) > 0.5``).
     """
@@ -187,6 +191,7 @@ class Gate(nn.Module):
         strict: bool = False,
         feeds: list[nn.Module] | None = None,
         within: "Gate | None" = None,
+        experts: list[nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self.value_fn = value_fn
@@ -195,6 +200,7 @@ class Gate(nn.Module):
         self.train_estimator = train_estimator or _straight_through
         self.controls: list[nn.Module] = list(controls or [])  # plain list: not submodules
         self.feeds: list[nn.Module] = list(feeds or [])
+        self.experts: list[nn.Module] = list(experts or [])
         self._within = [within] if within is not None else []  # a list: not a submodule
         self.mode = "hard"
         self.lam = 1.0

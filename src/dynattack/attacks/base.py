@@ -125,15 +125,17 @@ class GateUnits:
 
 
 def gate_units(trace: Trace, n: int, device: torch.device | None = None) -> GateUnits:
-    """Flatten a trace. Units of one event share its ``unit_cost`` unless that has a unit shape."""
+    """Flatten a trace. Units of one event share its ``unit_cost`` unless that has a unit shape.
+    A row a sub-batch gate call did not run on (``GateEvent.rows``) ran none of its units: off,
+    with the constant value 0 (no gradient; the enclosing gate's units carry it)."""
     values, taus, costs, ons, names, sizes = [], [], [], [], [], []
     for e in trace:
         if e.unit_cost is None:
             raise DynattackError(f"gate {e.name} has no unit cost: calibrate the model (dynattack.cost.calibrate)")
         unit_shape = e.logit.shape[1:]
-        k = int(e.logit[0].numel())
-        values.append(e.value.reshape(n, k))
-        ons.append(e.decision.reshape(n, k))
+        k = e.units
+        values.append(e.full("value", n, 0.0).reshape(n, k))
+        ons.append(e.full("decision", n, False).reshape(n, k))
         taus.append(torch.full((k,), float(e.tau), device=e.logit.device))
         uc = torch.as_tensor(e.unit_cost, dtype=torch.float64, device=e.logit.device)
         costs.append(uc.expand(unit_shape).reshape(k))
@@ -478,8 +480,8 @@ class Attack:
             else:  # a static victim runs everything
                 flops = torch.full((n,), full, dtype=torch.float64, device=logits.device)
             dev = logits.device
-            gv = [e.value.detach().reshape(n, -1).float().mean(1) for e in trace]
-            go = [e.decision.reshape(n, -1).float().mean(1) for e in trace]
+            gv = [e.full("value", n, 0.0).detach().reshape(n, -1).float().mean(1) for e in trace]
+            go = [e.full("decision", n, False).reshape(n, -1).float().mean(1) for e in trace]
             gv = torch.stack(gv, 1) if gv else torch.zeros(n, 0, device=dev)
             go = torch.stack(go, 1) if go else torch.zeros(n, 0, device=dev)
             return Evaluation(logits.detach(), logits.detach().argmax(1), flops, units.all_on, gv, go, units.names)
