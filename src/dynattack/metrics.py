@@ -154,8 +154,9 @@ def _per_sample_rates(traces: Trace | Sequence[Trace]) -> tuple[list[str], torch
     traces = [traces] if isinstance(traces, Trace) else list(traces)
     per_gate: dict[str, list[torch.Tensor]] = {}
     for trace in traces:
-        for e in trace:
-            per_gate.setdefault(e.name, []).append(e.decision.reshape(e.decision.shape[0], -1).double().mean(dim=1))
+        n = trace.batch_size() if len(trace) else 0
+        for e in trace:  # a sub-batch call's absent rows ran none of its units
+            per_gate.setdefault(e.name, []).append(e.full("decision", n, False).reshape(n, -1).double().mean(dim=1))
     if not per_gate:
         raise ValueError("the traces hold no gate event: run the forward inside `with Trace()`")
     columns = [torch.cat(parts) for parts in per_gate.values()]

@@ -68,7 +68,7 @@ def _gate_on_fractions(trace: Trace, n: int) -> torch.Tensor:
     """(n, gates): fraction of each gate's units that ran, per sample (for execution-rate maps)."""
     if not len(trace):
         return torch.zeros(n, 0)
-    return torch.stack([e.decision.reshape(n, -1).double().mean(1) for e in trace], 1).cpu()
+    return torch.stack([e.full("decision", n, False).reshape(n, -1).double().mean(1) for e in trace], 1).cpu()
 
 
 def summarize(records: list[dict], config: dict) -> dict:
