@@ -63,3 +63,14 @@ def report(title: str, max_rel_error: float, figures: dict[str, dict[str, float]
     print(f"{title}: max relative FLOPs error vs FlopCounterMode (real execution, per sample): {max_rel_error:.3g}")
     for name, figs in figures.items():
         print(f"  {name:10s} " + "  ".join(f"{k} {v:.4g}" for k, v in figs.items()))
+
+
+def run_example(title: str, model: nn.Module, images: torch.Tensor, steps: int, attacks: bool) -> dict:
+    """What every example does once its gates are declared: calibrate, check the FLOPs against
+    FlopCounterMode on real execution, run the attacks, print the figures."""
+    cost.calibrate(model, model.input_shape)
+    counted, measured, err = check_flops(model, images)
+    figures = attack_figures(model, images, steps) if attacks else {}
+    report(title, err, figures)
+    return {"model": model, "images": images, "counted": counted, "measured": measured, "max_rel_error": err,
+            "figures": figures}

@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynattack import cost
 from dynattack.gates import Gate
 
-from _common import attack_figures, check_flops, report, threshold_at_gap
+from _common import run_example, threshold_at_gap
 
 WIDTHS = (3, 16, 24, 32)
 STRIDES = (1, 2, 2)
@@ -86,12 +85,7 @@ def main(n: int = 16, steps: int = 30, attacks: bool = True) -> dict:
     model = ChannelGatedNet().eval()
     images = torch.rand((n, *model.input_shape), generator=torch.Generator().manual_seed(0))
     model.fit_thresholds(images)
-    cost.calibrate(model, model.input_shape)
-    counted, measured, err = check_flops(model, images)
-    figures = attack_figures(model, images, steps) if attacks else {}
-    report("channel gates on consecutive convs", err, figures)
-    return {"model": model, "images": images, "counted": counted, "measured": measured, "max_rel_error": err,
-            "figures": figures}
+    return run_example("channel gates on consecutive convs", model, images, steps, attacks)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dynattack import cost
 from dynattack.gates import Gate, force_gates
 
-from _common import attack_figures, check_flops, report, threshold_at_gap
+from _common import run_example, threshold_at_gap
 
 CONFIDENCE_SCALE = 50.0  # continue logit = scale x (threshold - max softmax)
 
@@ -90,12 +89,7 @@ def main(n: int = 16, steps: int = 30, attacks: bool = True) -> dict:
     model = EarlyExitNet().eval()
     images = images_for(model, n)
     model.fit_thresholds(images)
-    cost.calibrate(model, model.input_shape)
-    counted, measured, err = check_flops(model, images)
-    figures = attack_figures(model, images, steps) if attacks else {}
-    report("early exit, nested gates", err, figures)
-    return {"model": model, "images": images, "counted": counted, "measured": measured, "max_rel_error": err,
-            "figures": figures}
+    return run_example("early exit, nested gates", model, images, steps, attacks)
 
 
 if __name__ == "__main__":

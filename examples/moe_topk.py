@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynattack import cost
 from dynattack.gates import Gate
 
-from _common import attack_figures, check_flops, report
+from _common import run_example
 
 TOP_K, HIDDEN = 2, (8, 16, 32, 64)
 
@@ -77,12 +76,7 @@ def main(n: int = 16, steps: int = 30, attacks: bool = True) -> dict:
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     model = TopKMoE().eval()
     images = torch.rand((n, *model.input_shape), generator=torch.Generator().manual_seed(0))
-    cost.calibrate(model, model.input_shape)
-    counted, measured, err = check_flops(model, images)
-    figures = attack_figures(model, images, steps) if attacks else {}
-    report("top-2 routing among 4 experts", err, figures)
-    return {"model": model, "images": images, "counted": counted, "measured": measured, "max_rel_error": err,
-            "figures": figures}
+    return run_example("top-2 routing among 4 experts", model, images, steps, attacks)
 
 
 if __name__ == "__main__":

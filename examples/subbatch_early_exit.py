@@ -13,10 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dynattack import cost
 from dynattack.gates import Gate
 
-from _common import attack_figures, check_flops, report
+from _common import run_example
 from early_exit import EarlyExitNet, images_for
 
 
@@ -54,12 +53,7 @@ def main(n: int = 16, steps: int = 30, attacks: bool = True) -> dict:
     model = BatchedEarlyExitNet().eval()
     images = images_for(model, n)
     model.fit_thresholds(images)
-    cost.calibrate(model, model.input_shape)
-    counted, measured, err = check_flops(model, images)
-    figures = attack_figures(model, images, steps) if attacks else {}
-    report("sub-batch early exit (exited rows leave the batch)", err, figures)
-    return {"model": model, "images": images, "counted": counted, "measured": measured, "max_rel_error": err,
-            "figures": figures}
+    return run_example("sub-batch early exit (exited rows leave the batch)", model, images, steps, attacks)
 
 
 if __name__ == "__main__":
