@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dynattack import cost
 from dynattack.attacks import FGSM, ILFO, GradAuto
 from dynattack.gates import Trace
+from dynattack.prediction import prediction
 
 
 def flops_of(fn, x: torch.Tensor) -> int:
@@ -45,7 +46,7 @@ def attack_figures(model: nn.Module, images: torch.Tensor, steps: int) -> dict[s
     """GradAuto and ILFO (``steps`` iterations) and FGSM fgm / lgm (eps 8/255, labels: the clean
     predictions, so success = a changed prediction): their headline figures."""
     with torch.no_grad():
-        labels = model(images).argmax(1)
+        labels = prediction(model, model(images)).argmax(1)
     out = {}
     for name, attack in (("GradAuto", GradAuto(model, steps=steps, progress=False)),
                          ("ILFO", ILFO(model, steps=steps, progress=False))):

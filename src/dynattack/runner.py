@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from . import cost, metrics
 from .errors import DynattackError
 from .gates import Trace
+from .prediction import prediction
 from .rundir import (SUMMARY_KEYS, TIMING_KEYS, RunConfig, _json_value, append_lines, attack_seconds,  # noqa: F401
                      batch_seed, copy_atomic, load_adversarial, load_config, make_dirs, output_dir, read_lines,
                      read_records, save_shard, shard_holds, shard_path, write_atomic)
@@ -39,9 +40,9 @@ from .rundir import (SUMMARY_KEYS, TIMING_KEYS, RunConfig, _json_value, append_l
 def per_sample_records(model, config: RunConfig, batch: int, start: int, images, labels, res) -> list[dict]:
     """One record per sample, measured on the hard network from (clean, adversarial) alone."""
     with torch.no_grad(), Trace() as t_clean:
-        clean_logits = model(images)
+        clean_logits = prediction(model, model(images))
     with torch.no_grad(), Trace() as t_adv:
-        adv_logits = model(res.adv)
+        adv_logits = prediction(model, model(res.adv))
     if len(t_clean):
         d_clean, d_adv = t_clean.flat("decision"), t_adv.flat("decision")
         changed, units = (d_clean != d_adv).sum(1), torch.full((len(images),), d_clean.shape[1])

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from .. import cost, metrics
 from ..errors import DynattackError
 from ..gates import Trace, gate_mode
+from ..prediction import prediction
 
 # --------------------------------------------------------------------------- parameter checks
 
@@ -489,7 +490,7 @@ class Attack:
     def _evaluate(self, x: torch.Tensor, full: float) -> Evaluation:
         """The hard network on ``x``, no gradient."""
         with torch.no_grad(), Trace() as trace:
-            logits = self.model(x)
+            logits = prediction(self.model, self.model(x))
         return self._evaluation(logits, trace, gate_units(trace, x.shape[0], x.device), full)
 
     def _gradient_forward(self, x_in: torch.Tensor, full: float) -> Forward:
@@ -498,7 +499,7 @@ class Attack:
         hard = self.grad_gate_mode == "hard"
         mode = contextlib.nullcontext() if hard else gate_mode(self.model, self.grad_gate_mode, lam=self.grad_lam)
         with mode, Trace() as trace:
-            logits = self.model(x_in)
+            logits = prediction(self.model, self.model(x_in))
         if not self.gate_gradients:
             for event in trace:
                 for key, value in vars(event).items():

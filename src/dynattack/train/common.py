@@ -18,6 +18,7 @@ from .. import cost
 from ..data import load_fashion_mnist
 from ..errors import DynattackError
 from ..gates import Trace
+from ..prediction import prediction
 from ..models import read_state_dict, weights_path
 
 VAL_SIZE = 5000  # the last 5000 training images: held out for model and attack selection
@@ -66,7 +67,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     device = next(model.parameters()).device
     for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
         with Trace() as trace:
-            logits = model(xb.to(device))
+            logits = prediction(model, model(xb.to(device)))
         correct += int((logits.argmax(1).cpu() == yb).sum())
         flops.append(cost.executed_flops(model, trace).cpu() if len(trace) else torch.full((len(xb),), prof.full, dtype=torch.float64))
     mean_flops = float(torch.cat(flops).mean())
