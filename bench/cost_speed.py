@@ -1,6 +1,7 @@
 """What counting FLOPs costs: ``cost.executed_flops`` on the trace of a batch of 256 against the
 traced forward of that batch (no gradient, hard gates), on zoo victims and on the small networks
-of ``examples/`` (nested exits, channel-to-channel products, sub-batch exit).
+of ``examples/`` (nested exits, channel-to-channel products, sub-batch exit, top-k routing,
+token halting).
 
     .venv/bin/python bench/cost_speed.py [--batch 256] [--repeats 5] [--victims NAME ...]
 
@@ -29,20 +30,24 @@ ZOO = ["manidp20-fmnist", "dynconv20-fmnist", "sact20-fmnist", "skipnet38-rnn-hr
 
 
 def examples() -> dict:
-    import channel_gates
-    import early_exit
-    import subbatch_early_exit
+    """The examples' networks as their ``main`` builds them (thresholds fitted on 64 images)."""
+    import importlib
 
     nets = {}
-    for name, module, cls in (("example: early exit (nested)", early_exit, early_exit.EarlyExitNet),
-                              ("example: channel gates (products)", channel_gates, channel_gates.ChannelGatedNet),
-                              ("example: sub-batch early exit", subbatch_early_exit,
-                               subbatch_early_exit.BatchedEarlyExitNet)):
-        model = cls().eval()
-        model.fit_thresholds(torch.rand((64, *model.input_shape), generator=torch.Generator().manual_seed(0)))
-        cost.calibrate(model, model.input_shape)
-        nets[name] = model
+    for name, module in (("example: early exit (nested)", "early_exit"),
+                         ("example: channel gates (products)", "channel_gates"),
+                         ("example: sub-batch early exit", "subbatch_early_exit"),
+                         ("example: top-2 routing", "moe_topk"),
+                         ("example: token halting (quadratic)", "token_halting")):
+        nets[name] = importlib.import_module(module).main(n=64, attacks=False)["model"]
     return nets
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
 
 
 def timed(fn, repeats: int) -> float:
@@ -86,7 +91,7 @@ def main() -> None:
         print(f"{name:36s} forward {t_fwd * 1e3:9.2f} ms  executed_flops {t_cost * 1e3:7.3f} ms  "
               f"{100 * t_cost / t_fwd:6.2f} %", flush=True)
     lines = [f"# executed_flops vs one forward, batch {args.batch}", "",
-             f"`.venv/bin/python bench/cost_speed.py --batch {args.batch}` on {platform.machine()}, "
+             f"`.venv/bin/python bench/cost_speed.py --batch {args.batch} --repeats {args.repeats}` on {cpu_name()}, "
              f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; medians.", "",
              "| network | forward (ms) | executed_flops (ms) | ratio (%) |", "| --- | ---: | ---: | ---: |"]
     lines += [f"| {n} | {f:.2f} | {c:.3f} | {r:.2f} |" for n, f, c, r in rows]

@@ -1,7 +1,7 @@
 """The gate and cost model on small networks of each kind (issue 15): executed FLOPs counted from
 a trace equal ``FlopCounterMode`` over a real execution that skips the work, sample by sample,
 for early exit with nested gates, channel gates on consecutive convolutions, a sub-batch early
-exit and a gate nested by structure; every mis-declaration is one DynattackError naming the gate.
+exit, top-k routing, token halting (quadratic attention) and a gate nested by structure; every mis-declaration is one DynattackError naming the gate.
 The examples in ``examples/`` are the models; each also runs end to end here (fast setting)."""
 import importlib
 import math
@@ -20,7 +20,7 @@ from dynattack.gates import Gate, Trace, force_gates
 from model_helpers import assert_clear_of_threshold, assert_logits_close
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-EXAMPLES = ["early_exit", "channel_gates", "subbatch_early_exit", "moe_topk"]
+EXAMPLES = ["early_exit", "channel_gates", "subbatch_early_exit", "moe_topk", "token_halting"]
 
 
 def flops_of(fn, x):
@@ -121,6 +121,66 @@ def test_topk_routing_costs_the_chosen_experts():
     static = tokens * (2 * 48 * dim + 2 * dim * len(moe.HIDDEN)) + 2 * dim * 10
     hand = static + (per_expert * torch.tensor([4.0 * dim * h for h in moe.HIDDEN], dtype=torch.float64)).sum(1)
     assert torch.equal(run["counted"], hand)
+
+
+def test_token_halting_costs_a_measured_quadratic_in_the_active_tokens():
+    """A block on n tokens costs 16 d^2 n (qkv, proj, MLP) + 4 d n^2 (scores, weights x values),
+    written out from the shapes; a linear split over the tokens would be wrong on these inputs."""
+    run = importlib.import_module("token_halting").main(n=24, attacks=False)
+    model, x = run["model"], run["images"]
+    prof = cost.profile(model)
+    d = model.embed.out_features
+    assert [(t.out_gate, t.poly) for t in prof.terms] == \
+        [("gates.0", (0.0, 16.0 * d * d, 4.0 * d, 0.0)), ("gates.1", (0.0, 16.0 * d * d, 4.0 * d, 0.0))]
+    assert prof.parents == {"gates.1": "gates.0"}
+    _, trace = traced(model, x)
+    g1, g2 = (e.decision for e in trace)
+    n1, n2 = g1.sum(1).double(), (g1 & g2).sum(1).double()
+    assert n1.unique().numel() > 3 and n2.unique().numel() > 3 and (n2 < n1).any()
+    block = lambda n: 16 * d * d * n + 4 * d * n * n
+    assert torch.equal(run["counted"], prof.static + block(n1) + block(n2))
+    linear = prof.static + (n1 + n2) / 17 * block(17.0)
+    assert (linear != run["measured"]).all()
+
+
+class TokenModule(nn.Module):
+    """Runs on tokens ``(B, T, 4)``: ``kind`` 'fixed' needs all T tokens, 'quartic' costs n^4."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind, self.lin, self.pos = kind, nn.Linear(4, 4), nn.Parameter(torch.zeros(1, 6, 4))
+
+    def forward(self, t):
+        if self.kind == "fixed":
+            return self.lin(t + self.pos)
+        a = t @ t.transpose(1, 2)  # (B, n, n)
+        return self.lin(t) + (a.reshape(len(t), -1, 1) @ a.reshape(len(t), 1, -1)).mean((1, 2))[:, None, None]
+
+
+class Tokens(nn.Module):
+    input_shape = (6, 4)
+
+    def __init__(self, kind, units=6, tokens=1):
+        super().__init__()
+        self.body = TokenModule(kind)
+        self.gate = Gate(controls=[self.body], tokens=tokens)
+        self.units = units
+
+    def forward(self, x):
+        m = self.gate(x[:, :self.units, 0] - 0.5)
+        return (self.body(x) * m[..., :1, None]).mean(1)
+
+
+@pytest.mark.parametrize("kind, units, tokens, message", [
+    ("fixed", 6, 1, "TokenModule failed on 2 of its 6 tokens"),
+    ("quartic", 6, 1, "the FLOPs of body (gate gate) are not a polynomial of degree <= 3"),
+    ("quartic", 5, 1, "gate gate has 5 token units, but no input of body has 5 entries on dimension 1"),
+    ("quartic", 6, 2, "no input of body has 6 entries on dimension 2"),
+])
+def test_token_gate_misdeclarations_are_named(kind, units, tokens, message):
+    model = Tokens(kind, units, tokens).eval()
+    with pytest.raises(DynattackError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        cost.calibrate(model, model.input_shape)
 
 
 # --------------------------------------------------------------------------- nesting by structure

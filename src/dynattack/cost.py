@@ -18,7 +18,13 @@
   row a gate is not called on runs none of its units (nor, nested, of those inside it);
 * the cost of a controlled module is linear in the active units of the gate controlling it, and
   of the gate feeding it where one does (a conv between two channel gates costs
-  ``flops x active-in / C_in x active-out / C_out``); what no gate controls or feeds runs always.
+  ``flops x active-in / C_in x active-out / C_out``); what no gate controls or feeds runs always;
+* except for tokens: a gate declared ``Gate(controls=[block], tokens=d)`` has units ``(T,)``, the
+  tokens on dimension ``d`` of each controlled module's inputs, which the real path runs on its
+  active tokens only (token halting or dropping). Such a module's cost is a polynomial of degree
+  <= 3 in the number n of active tokens (attention: ``a n + b n^2``), 0 for none: calibration
+  runs the module alone on the first 1, 2, 3, 4 tokens of its inputs under ``FlopCounterMode``,
+  fits the polynomial exactly and checks it at half and all of the tokens (an error otherwise).
 
 :func:`calibrate` runs one sample with every gate forced on under ``FlopCounterMode``, with
 forward hooks that see which declared module runs inside which (per-module counts are
@@ -35,10 +41,6 @@ counts, input shape, rows, a nested gate without its enclosing one). A family wh
 made of these pieces keeps its own ``executed_flops(trace)`` on the model: only the sparse 3D
 U-Net, whose cost is kernel-map pairs among occupied voxels (neighbourhood structure of each
 scene, not a count of active units) and whose full network depends on the scene.
-
-Where the design grows next: a term's cost as a polynomial in its active units, measured at
-calibration by running the controlled module on 1, 2, ... of its tokens (attention over active
-tokens is quadratic); a term then holds coefficients instead of one FLOPs figure.
 
 Unit costs hold for one input shape only (a convolution's FLOPs grow with the resolution), so every
 entry point that sees an input checks it with :func:`check_input`: a zoo victim takes exactly
@@ -75,6 +77,9 @@ class CostTerm:
     in_gate: str | None
     modules: list[str]  # the declared modules it sums
     expert: int | None = None  # an expert: the output side is the units [..., expert] of out_gate
+    # token modules (``Gate(tokens=d)``): FLOPs = sum_k poly[k] n^k for n >= 1 active tokens, 0 for
+    # none (the module does not run); ``flops`` is then that polynomial at all tokens
+    poly: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -141,13 +146,19 @@ def check_input(model: nn.Module, x, owner: str = "dynattack") -> None:
     _check_shape(model, tuple(x.shape[1:]), owner, expected_input_shape(model), x.shape[0])
 
 
-def _module_flops(model: nn.Module, x: torch.Tensor, declared: list[nn.Module]):
+def _module_flops(model: nn.Module, x: torch.Tensor, declared: list[nn.Module], token_modules: list[nn.Module]):
     """One forced-on forward of ``x`` under ``FlopCounterMode``. Returns total FLOPs, FLOPs per
     module name (hierarchical), the trace, for each declared module the declared module it ran
-    inside (innermost, by identity) and for each gate name the declared module it was called in."""
+    inside (innermost, by identity), for each gate name the declared module it was called in, and
+    the inputs ``(args, kwargs, calls)`` of each of ``token_modules`` (by identity)."""
     running: list[nn.Module] = []
     ran_inside: dict[int, nn.Module | None] = {}
     called_inside: dict[str, nn.Module | None] = {}
+    inputs: dict[int, list] = {}
+
+    def capture(module, args, kwargs):
+        seen = inputs.setdefault(id(module), [args, kwargs, 0])
+        seen[2] += 1
 
     def enter(module, args):
         ran_inside.setdefault(id(module), running[-1] if running else None)
@@ -163,6 +174,7 @@ def _module_flops(model: nn.Module, x: torch.Tensor, declared: list[nn.Module]):
     for module in {id(m): m for m in declared}.values():
         handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
     handles += [g.register_forward_pre_hook(gate_called) for _, g in iter_gates(model)]
+    handles += [m.register_forward_pre_hook(capture, with_kwargs=True) for m in token_modules]
     try:
         with force_gates(model, "on"), torch.no_grad(), Trace() as trace, \
                 FlopCounterMode(display=False) as counter:
@@ -175,7 +187,68 @@ def _module_flops(model: nn.Module, x: torch.Tensor, declared: list[nn.Module]):
     for key, ops in counter.get_flop_counts().items():
         if key == prefix or key.startswith(prefix + "."):
             per_module[key[len(prefix) + 1:]] = float(sum(ops.values()))
-    return float(counter.get_total_flops()), per_module, trace, ran_inside, called_inside
+    return float(counter.get_total_flops()), per_module, trace, ran_inside, called_inside, inputs
+
+
+def _run_on_tokens(model: nn.Module, module: nn.Module, dim: int, args, kwargs, tokens: int, n: int) -> float:
+    """FLOPs of ``module`` run alone on the first ``n`` of the ``tokens`` tokens of its calibration
+    inputs (every tensor argument with ``tokens`` entries on dimension ``dim`` is cut)."""
+    def cut(v):
+        if isinstance(v, torch.Tensor) and v.dim() > dim and v.shape[dim] == tokens:
+            return v.narrow(dim, 0, n)
+        return v
+    try:
+        with force_gates(model, "on"), torch.no_grad(), FlopCounterMode(display=False) as counter:
+            module(*[cut(a) for a in args], **{k: cut(v) for k, v in kwargs.items()})
+    except (RuntimeError, ValueError, IndexError) as exc:
+        raise DynattackError(f"{type(module).__name__} failed on {n} of its {tokens} tokens ({str(exc).splitlines()[0]}): "
+                             f"a module a token gate controls must run on any number of tokens, as the "
+                             f"real path that drops tokens runs it") from None
+    return float(counter.get_total_flops())
+
+
+def _token_polynomial(model: nn.Module, gate_name: str, module: nn.Module, module_name: str, dim: int,
+                      captured, tokens: int, full: float) -> tuple[float, ...]:
+    """Coefficients ``c_0..c_d`` (d <= 3) of the FLOPs of ``module`` on n >= 1 active tokens, fitted
+    exactly (rational arithmetic) to ``FlopCounterMode`` counts at n = 1..4 and checked at half
+    and all of the tokens: attention is quadratic in n, the rest linear."""
+    from fractions import Fraction
+
+    if captured is None:
+        raise DynattackError(f"gate {gate_name} controls {module_name} by tokens, which did not run at calibration")
+    args, kwargs, calls = captured
+    if calls > 1:
+        raise DynattackError(f"gate {gate_name}'s token module {module_name} ran {calls} times in one forward: "
+                             f"give each call its own module and gate")
+    if not any(isinstance(v, torch.Tensor) and v.dim() > dim and v.shape[dim] == tokens
+               for v in [*args, *kwargs.values()]):
+        raise DynattackError(f"gate {gate_name} has {tokens} token units, but no input of {module_name} has "
+                             f"{tokens} entries on dimension {dim} (Gate(tokens={dim}))")
+    fit_n = list(range(1, min(tokens, 4) + 1))
+    measured = {n: _run_on_tokens(model, module, dim, args, kwargs, tokens, n) for n in fit_n}
+    # Lagrange form through the fit points, expanded to coefficients
+    coef = [Fraction(0)] * len(fit_n)
+    for i, ni in enumerate(fit_n):
+        basis, denom = [Fraction(1)], Fraction(1)
+        for nj in fit_n:
+            if nj != ni:
+                basis = [a - nj * b for a, b in zip([Fraction(0)] + basis, basis + [Fraction(0)])]
+                denom *= ni - nj
+        for k, b in enumerate(basis):
+            coef[k] += Fraction(measured[ni]) * b / denom
+    checks = {n: _run_on_tokens(model, module, dim, args, kwargs, tokens, n) for n in {(tokens + 1) // 2, tokens}
+              if n not in measured}
+    checks.setdefault(tokens, measured.get(tokens))
+    for n, value in checks.items():
+        fitted = sum(c * n ** k for k, c in enumerate(coef))
+        if fitted != value:
+            raise DynattackError(f"the FLOPs of {module_name} (gate {gate_name}) are not a polynomial of degree <= 3 in "
+                                 f"its active tokens: {value:.0f} at {n} tokens, the fit through 1..4 says "
+                                 f"{float(fitted):.0f}")
+    if checks[tokens] != full:
+        raise DynattackError(f"{module_name} ran {full:.0f} FLOPs in the model but {checks[tokens]:.0f} alone on "
+                             f"the same inputs: a token module's cost must depend on its inputs only")
+    return tuple(float(c) for c in coef)
 
 
 def _declared(model: nn.Module, gates: dict[str, Gate], *attrs: str) -> dict[int, tuple[nn.Module, str, int | None]]:
@@ -201,7 +274,7 @@ def _declared(model: nn.Module, gates: dict[str, Gate], *attrs: str) -> dict[int
 
 def _cost_terms(model: nn.Module, gates: dict[str, Gate], units: dict[str, int], shapes: dict[str, tuple],
                 per_module: dict[str, float], ran_inside: dict, called_inside: dict,
-                controlled: dict, fed: dict) -> tuple[list[CostTerm], dict[str, str]]:
+                controlled: dict, fed: dict, inputs: dict) -> tuple[list[CostTerm], dict[str, str]]:
     """The cost terms and the nesting of the gates (see the module docstring)."""
     names = {id(m): n for n, m in model.named_modules()}
     nodes = {**fed, **controlled}
@@ -228,8 +301,23 @@ def _cost_terms(model: nn.Module, gates: dict[str, Gate], units: dict[str, int],
             own[parent] -= per_module.get(names[mid], 0.0)
     grouped: dict[tuple, CostTerm] = {}
     for mid in nodes:
-        key = (*out_side(mid), fed[mid][1] if mid in fed else None)
-        term = grouped.setdefault(key, CostTerm(0.0, key[0], key[2], [], key[1]))
+        gate = gates.get(controlled[mid][1]) if mid in controlled else None
+        if gate is not None and gate.tokens is not None and controlled[mid][2] is None:
+            name, module = controlled[mid][1], controlled[mid][0]
+            inner = [names[m] for m in nodes if outer(m) == mid]
+            if inner or mid in fed or gate.experts or len(shapes[name]) != 1:
+                why = (f"declared modules run inside it ({', '.join(inner)})" if inner else
+                       "a gate feeds it" if mid in fed else "it also routes experts" if gate.experts else
+                       f"its unit shape is {shapes[name]}, not (tokens,)")
+                raise DynattackError(f"gate {name} controls {names[mid]} by tokens, but {why}: a token gate has "
+                                     f"units (T,) and controls whole modules that run on the active tokens")
+            poly = _token_polynomial(model, name, module, names[mid], gate.tokens, inputs.get(mid), shapes[name][0],
+                                     own[mid])
+            term = grouped.setdefault((name, None, None, "tokens"), CostTerm(0.0, name, None, [], poly=(0.0,) * 4))
+            term.poly = tuple(a + b for a, b in zip(term.poly, poly + (0.0,) * (4 - len(poly))))
+        else:
+            key = (*out_side(mid), fed[mid][1] if mid in fed else None)
+            term = grouped.setdefault(key, CostTerm(0.0, key[0], key[2], [], key[1]))
         term.flops += own[mid]
         term.modules.append(names[mid])
 
@@ -310,7 +398,9 @@ def calibrate(model: nn.Module, input_shape: tuple[int, ...]) -> CostProfile:
         param = next(model.parameters(), None)
         x = torch.zeros((1, *input_shape), device=param.device if param is not None else "cpu")
         declared_modules = [m for m, *_ in list(controlled.values()) + list(fed.values())]
-        full, per_module, trace, ran_inside, called_inside = _module_flops(model, x, declared_modules)
+        token_modules = [m for g in all_gates.values() if g.tokens is not None for m in g.controls]
+        full, per_module, trace, ran_inside, called_inside, inputs = _module_flops(model, x, declared_modules,
+                                                                                   token_modules)
     finally:
         model.train(was_training)
     names = {m: n for n, m in model.named_modules()}
@@ -325,7 +415,7 @@ def calibrate(model: nn.Module, input_shape: tuple[int, ...]) -> CostProfile:
         gated = {name: sum(per_module.get(names[m], 0.0) for m in g.controls) for name, g in gates.items()}
     else:
         terms, parents = _cost_terms(model, gates, units, shapes, per_module, ran_inside, called_inside,
-                                     controlled, fed)
+                                     controlled, fed, inputs)
         # a gate's share: what runs on its output side, and what it feeds that nothing else decides
         gated = {name: sum(t.flops for t in terms if t.out_gate == name or (t.in_gate == name and t.out_gate is None))
                  for name in gates}
@@ -446,6 +536,11 @@ def _forward_flops(model: nn.Module, prof: CostProfile, events: list[GateEvent],
 
     total = torch.full((batch,), prof.static, dtype=torch.float64, device=device)
     for term in prof.terms:
+        if term.poly is not None:  # modules run on the active tokens: a measured polynomial in them
+            n, _ = count(term.out_gate, None)
+            value = sum(c * n ** k for k, c in enumerate(term.poly))
+            total = total + torch.where(n > 0, value, torch.zeros_like(value))
+            continue
         factor, units = None, 1
         for gate, expert in ((term.out_gate, term.expert), (term.in_gate, None)):
             if gate is not None:

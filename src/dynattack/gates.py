@@ -23,7 +23,9 @@ states the whole contract): each decision is a ``Gate`` called once per forward;
 the modules whose output its units decide; ``feeds``: modules whose input channels its units
 are (a conv between two channel gates); ``within``: the gate enclosing it where the structure
 does not show it (an exit after an earlier exit); ``experts``: the modules of a routing gate's
-last unit axis (top-k experts); ``gate(q, rows=idx)``: a call on the rows of
+last unit axis (top-k experts); ``tokens``: the dimension of the controlled modules' inputs
+that holds the gate's units, tokens the real path drops (a module then costs a measured
+function of its active tokens); ``gate(q, rows=idx)``: a call on the rows of
 the batch still running (a batched early exit), which the event keeps (:meth:`GateEvent.full`
 puts them back in their rows of the whole batch).
 
@@ -180,6 +182,11 @@ class Gate(nn.Module):
             active units / its units. "All on" is every token through every expert.
         strict: decide ``q > 0`` instead of ``q >= 0`` (the two differ only at an exact tie),
             for families whose official rule is strict (SkipNet: ``sigmoid(q) > 0.5``).
+        tokens: token halting or dropping: the units (unit shape ``(T,)``) are the tokens on
+            dimension ``tokens`` of the inputs of each module in ``controls``, which the real
+            path runs on the active tokens only; such a module's cost is then not split evenly
+            over the units but measured as a function of the number of active tokens (attention
+            is quadratic in it).
     """
 
     def __init__(
@@ -192,6 +199,7 @@ class Gate(nn.Module):
         feeds: list[nn.Module] | None = None,
         within: "Gate | None" = None,
         experts: list[nn.Module] | None = None,
+        tokens: int | None = None,
     ) -> None:
         super().__init__()
         self.value_fn = value_fn
@@ -201,6 +209,10 @@ class Gate(nn.Module):
         self.controls: list[nn.Module] = list(controls or [])  # plain list: not submodules
         self.feeds: list[nn.Module] = list(feeds or [])
         self.experts: list[nn.Module] = list(experts or [])
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+            raise ValueError(f"Gate(tokens=...) is the token dimension of the controlled modules' inputs "
+                             f"(an int >= 1, after the batch dimension 0), got {tokens!r}")
+        self.tokens = tokens
         self._within = [within] if within is not None else []  # a list: not a submodule
         self.mode = "hard"
         self.lam = 1.0

@@ -1,9 +1,11 @@
 """The victim zoo: a registry of named victims, shipped weights (safetensors) and model cards.
 
 A victim is an ``nn.Module`` taking images in [0, 1] of shape ``(B, *model.input_shape)`` and
-returning logits. Gated families declare their decisions with :class:`dynattack.gates.Gate`,
-provide ``forward_conditional(x)`` (really skips work) and, where cost is not
-one-decision-one-cost, ``executed_flops(trace)``.
+returning logits. Gated families declare their decisions with :class:`dynattack.gates.Gate`
+(controls, feeds, within: see :mod:`dynattack.cost`, which measures their cost) and provide
+``forward_conditional(x)`` (really skips work). Only the sparse U-Net, whose cost is kernel-map
+pairs among occupied voxels rather than a count of active units, keeps its own
+``executed_flops(trace)``.
 """
 from __future__ import annotations
 
