@@ -376,3 +376,21 @@ def test_example_runs_declare_check_and_attack(name, capsys):
     for figs in run["figures"].values():
         assert all(math.isfinite(v) or math.isnan(v) for v in figs.values())
         assert figs["flops_adv"] > 0
+
+
+def test_subbatch_execution_rates_count_absent_rows_as_off():
+    """Execution rates (metrics, the runner's per-sample records) of a gate called on the rows
+    still running: a row that exited before it ran none of its units."""
+    from dynattack import metrics
+    from dynattack.runner import _gate_on_fractions
+
+    run = importlib.import_module("subbatch_early_exit").main(n=24, attacks=False)
+    model, x = run["model"], run["images"]
+    _, trace = traced(model, x)
+    first, second = trace.events
+    hand = torch.zeros(len(x), dtype=torch.float64)
+    hand[second.rows] = second.decision.double().reshape(len(second.rows), -1).mean(1)
+    fractions = _gate_on_fractions(trace, len(x))
+    assert torch.equal(fractions[:, 1], hand) and torch.equal(fractions[:, 0], first.decision.double())
+    rates = metrics.execution_rates(trace)
+    assert rates[second.name] == pytest.approx(float(hand.mean()), abs=1e-12)

@@ -167,14 +167,17 @@ def _per_sample_rates(traces: Trace | Sequence[Trace]) -> tuple[list[str], torch
 
 def execution_rates(traces: Trace | Sequence[Trace]) -> dict[str, float]:
     """Gate name -> fraction of its unit decisions that were on, over all samples and units
-    (one trace or a list of per-batch traces)."""
+    (one trace or a list of per-batch traces); the rows a sub-batch call did not run on count
+    as off, as in the per-sample rates."""
     traces = [traces] if isinstance(traces, Trace) else list(traces)
     on: dict[str, float] = {}
     total: dict[str, int] = {}
     for trace in traces:
+        n = trace.batch_size() if len(trace) else 0
         for e in trace:
-            on[e.name] = on.get(e.name, 0.0) + float(e.decision.sum())
-            total[e.name] = total.get(e.name, 0) + e.decision.numel()
+            d = e.full("decision", n, False)
+            on[e.name] = on.get(e.name, 0.0) + float(torch.count_nonzero(d))
+            total[e.name] = total.get(e.name, 0) + d.numel()
     return {name: on[name] / total[name] if total[name] else math.nan for name in on}
 
 
