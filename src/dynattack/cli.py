@@ -236,6 +236,67 @@ def attack_cmd(
         typer.echo(f"run directory: {out}")
 
 
+def parse_budgets(text: str) -> list:
+    """``--eps`` of `dynattack sweep`: a comma list of numbers or fractions (``1/255,2/255``)."""
+    tokens = [t.strip() for t in text.split(",")]
+    if not text.strip() or any(not t for t in tokens):
+        raise DynattackError(f"--eps expects a comma-separated list of budgets, e.g. 1/255,2/255,4/255, got {text!r}")
+    return [parse_value(t) for t in tokens]
+
+
+@app.command("sweep")
+def sweep_cmd(
+    victim: str = typer.Option(..., "--victim", help="victim name from `dynattack models`"),
+    eps: str = typer.Option(..., "--eps", help="budgets, comma-separated: in (0, 1] for images (1/255,2/255,4/255 "
+                                               "notation accepted), metres for point clouds"),
+    out: str = typer.Option(..., "--out", help="sweep directory: one run directory per budget, sweep.json, sweep.png"),
+    attack: str = typer.Option("energy-pgd", "--attack", help="an attack with an eps budget (energy-pgd, "
+                                                             "pc-gradauto, the accuracy attacks)"),
+    n: int = typer.Option(100, "--n", "--images", help="number of test images (scenes for point clouds)"),
+    offset: int = typer.Option(0, "--offset", help="first test image"),
+    batch_size: int = typer.Option(50, "--batch-size", help="images attacked together"),
+    seed: int = typer.Option(0, "--seed", help="run seed (each batch gets its own derived seed)"),
+    param: list[str] = typer.Option([], "--param", help="attack parameter key=value (repeatable), same at every eps"),
+    grad: Optional[str] = typer.Option(None, "--grad", help="gradient mode: fgm, lgm, lgm_st"),
+    lam: Optional[float] = typer.Option(None, "--lam", help="LGM sigmoid slope"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="attack iterations"),
+    resume: bool = typer.Option(False, "--resume", help="continue a killed sweep in --out"),
+    latency_n: int = typer.Option(20, "--latency-n", help="samples timed at batch 1 in each run"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads"),
+    weights: Optional[Path] = typer.Option(None, help="victim weights (safetensors or official .pth) instead of the zoo's"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="fashion-mnist, cifar10, cifar100 or folder (default: the victim's)"),
+    data: Optional[Path] = DataOpt,
+    device: str = DeviceOpt,
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars"),
+) -> None:
+    """Run an attack at every budget of --eps (one run directory each) and write sweep.json and sweep.png."""
+    from .sweep import run_sweep
+
+    check_latency_n(latency_n)
+    if threads is not None and threads < 1:
+        raise DynattackError(f"--threads must be >= 1, got {threads}")
+    params = parse_params(param)
+    for key, value in (("grad", grad), ("lam", lam), ("steps", steps)):
+        if value is not None:
+            params[key] = value
+    result = run_sweep(victim=victim, attack=attack, budgets=parse_budgets(eps), params=params, out=out, n=n,
+                       offset=offset, batch_size=batch_size, seed=seed, resume=resume, latency_n=latency_n,
+                       weights=weights, data=data, device=resolve_device(device), progress=progress,
+                       dataset=dataset, threads=threads)
+    metres = result["eps_unit"] == "metres"
+    rows = [("eps", "recovery", "fully attacked", "L2", "PSNR", "accuracy (mIoU)" if metres else "accuracy", "run")]
+    for e in result["sweep"]:
+        acc = e["miou_adv"] if metres else e["adv_acc"]
+        rows.append((f"{e['eps']:g} m" if metres else f"{e['eps'] * 255:g}/255",
+                     "-" if e["recovery_pct"] is None else f"{e['recovery_pct']:.1f} %",
+                     "-" if e["success_pct"] is None else f"{e['success_pct']:.0f} %",
+                     "-" if e["l2"] is None else f"{e['l2']:.3f}",
+                     "-" if e["psnr_db"] is None else f"{e['psnr_db']:.1f} dB",
+                     "-" if acc is None else f"{100 * acc:.1f} %", e["run"]))
+    _print_table(rows)
+    typer.echo(f"sweep directory: {out} (sweep.json, sweep.png)")
+
+
 @app.command("merge")
 def merge_cmd(
     shards: list[Path] = typer.Argument(..., help="shard run directories (all shards i/n of one run)"),
