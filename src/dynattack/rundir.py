@@ -9,7 +9,10 @@ A run directory holds (DESIGN.md):
 - ``history.safetensors`` per-iteration figures of the first batch (energy attacks);
 - ``batches.jsonl`` one line per finished batch: its attack time and the torch thread count and
                     device that ran it (kept apart from the records, which are bit-identical
-                    whatever process ran them); the summary's ``seconds`` is their sum;
+                    whatever process ran them), and a ``"batch": "fit"`` line per process that
+                    fitted a universal perturbation; the summary's ``seconds`` is their sum;
+- ``perturbation.safetensors`` (universal attacks only) the one perturbation every input got,
+                    fitted on training images before the first batch and reused on ``--resume``;
 - ``merge.json``    (merged runs only) the sources of the merge, written first, so that an
                     interrupted merge is recognised and finished, and nothing else is merged over;
 - ``summary.json``, ``gates.json``, ``report.html``, ``figures/``.
@@ -252,7 +255,10 @@ def read_lines(path: Path) -> list[dict]:
 
 def attack_seconds(run_dir: Path, records: list[dict]) -> float | None:
     """Attack time of the finished batches summed over every process that ran them (resumed,
-    sharded, torchrun); the last time of a batch that was redone. None where none is recorded."""
+    sharded, torchrun); the last time of a batch that was redone; plus every process's fit of a
+    universal perturbation (lines ``"batch": "fit"``). None where none is recorded."""
     done = {r["batch"] for r in records}
-    seconds = {b["batch"]: b["seconds"] for b in read_lines(Path(run_dir) / "batches.jsonl") if b["batch"] in done}
-    return sum(seconds.values()) if seconds else None
+    lines = read_lines(Path(run_dir) / "batches.jsonl")
+    seconds = {b["batch"]: b["seconds"] for b in lines if b["batch"] in done}
+    fits = [b["seconds"] for b in lines if b["batch"] == "fit"]
+    return sum(seconds.values()) + sum(fits) if seconds else None

@@ -7,6 +7,7 @@ A run directory holds (DESIGN.md):
 - ``samples.jsonl`` one line per sample, appended batch by batch;
 - ``adv/batch_NNNNN.safetensors`` the adversarial inputs of each batch;
 - ``batches.jsonl`` each finished batch's attack time, thread count and device;
+- ``perturbation.safetensors`` a universal attack's one perturbation (fitted first);
 - ``summary.json``  the aggregate figures, written at the end.
 
 Its files and their atomic writes live in :mod:`dynattack.rundir`. Resume drops any partial
@@ -27,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import cost, metrics
-from .errors import DynattackError
+from .errors import DynattackError, first_line
 from .gates import Trace
 from .prediction import prediction
 from .rundir import (SUMMARY_KEYS, TIMING_KEYS, RunConfig, _json_value, append_lines, attack_seconds,  # noqa: F401
@@ -153,11 +154,40 @@ def prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> None:
             write_atomic(path, text)
 
 
+PERTURBATION_FILE = "perturbation.safetensors"
+
+
+def fit_universal(attack, run_dir: Path, train_images: torch.Tensor | None) -> None:
+    """An attack fitted once on training images (a universal perturbation): read its perturbation
+    back from the run directory (``--resume``), else fit it and write it before the first batch."""
+    from safetensors.torch import load_file
+
+    path = Path(run_dir) / PERTURBATION_FILE
+    if path.exists():
+        try:
+            delta = load_file(str(path))["perturbation"]
+        except Exception as exc:  # SafetensorError, KeyError: a torn or foreign file
+            raise DynattackError(f"{path} is not a perturbation this run wrote ({first_line(exc)}): remove it to "
+                                 f"fit again") from None
+        attack.set_perturbation(delta)
+        return
+    if train_images is None:
+        raise DynattackError(f"{attack.name} fits one perturbation on training images: none were given")
+    device = next(attack.model.parameters()).device
+    t0 = time.perf_counter()
+    save_shard(path, {"perturbation": attack.fit(train_images[:attack.train_n].to(device))})
+    append_lines(Path(run_dir) / "batches.jsonl", [{"batch": "fit", "seconds": time.perf_counter() - t0,
+                                                    "threads": torch.get_num_threads(), "device": str(device)}])
+
+
 def run_attack(model, attack, config: RunConfig, images: torch.Tensor, labels: torch.Tensor, run_dir: Path,
-               resume: bool = False, progress: bool = True) -> list[dict]:
-    """Attack this shard's pending batches of ``images[offset:offset+n]``; returns all records."""
+               resume: bool = False, progress: bool = True, train_images: torch.Tensor | None = None) -> list[dict]:
+    """Attack this shard's pending batches of ``images[offset:offset+n]``; returns all records.
+    An attack with ``fit`` (universal) is first fitted on ``train_images`` (see :func:`fit_universal`)."""
     run_dir = Path(run_dir)
     prepare_run_dir(run_dir, config, resume)
+    if hasattr(attack, "fit"):
+        fit_universal(attack, run_dir, train_images)
     done = {r["batch"] for r in read_records(run_dir)}
     pending = [b for b in config.batches() if b[0] not in done]
     device = next(model.parameters()).device
@@ -253,6 +283,13 @@ def merge_runs(shard_dirs: list[Path], out_dir: Path) -> Path:
     for d, batches in sources.items():
         for b in batches:
             copy_atomic(shard_path(d, b), shard_path(out_dir, b))
+    fitted = [(d / PERTURBATION_FILE).read_bytes() for d in shard_dirs if (d / PERTURBATION_FILE).exists()]
+    if fitted and (len(fitted) != len(shard_dirs) or len(set(fitted)) != 1):
+        raise DynattackError(f"cannot merge: the shards do not hold one and the same {PERTURBATION_FILE} (each "
+                             f"fitted its own): run shard 0 first and copy its file into the other shards' run "
+                             f"directories before they start")
+    if fitted:
+        copy_atomic(shard_dirs[0] / PERTURBATION_FILE, out_dir / PERTURBATION_FILE)
     first = next(d for d, c in zip(shard_dirs, configs) if c["shard"][0] == 0)  # holds batch 0 and its history
     if (first / "history.safetensors").exists():
         copy_atomic(first / "history.safetensors", out_dir / "history.safetensors")
@@ -332,6 +369,22 @@ def _load_victim_and_data(victim: str, weights, data, device: str, dataset: str,
     return model, images, labels
 
 
+def _train_images(victim: str, dataset: str, data, attack) -> torch.Tensor:
+    """The first ``attack.train_n`` training images of the victim's dataset, read like its test
+    images (a universal perturbation is fitted on them and evaluated on the test images)."""
+    from .data import load_dataset
+    from .data.point_batch import POINT_DATASETS
+    from .models import get_spec
+
+    if dataset in POINT_DATASETS:
+        raise DynattackError(f"{attack.name} fits one perturbation on training images; point-cloud victims have none")
+    spec = get_spec(victim)
+    images = load_dataset(dataset, "train", data, **(spec.data_args if dataset == spec.dataset else {})).images
+    if len(images) < attack.train_n:
+        raise DynattackError(f"{attack.name}: train_n={attack.train_n} exceeds the {len(images)} training images")
+    return images[:attack.train_n]
+
+
 def run_cli_attack(*, victim, attack, params, out, n, offset, batch_size, seed, resume, shard, latency_n,
                    weights, data, device, progress, dataset: str | None = None, threads: int | None = None) -> dict | None:
     """`dynattack attack`: one process, one shard, or every rank of a torchrun job. ``threads``:
@@ -366,10 +419,12 @@ def run_cli_attack(*, victim, attack, params, out, n, offset, batch_size, seed, 
         if offset + n > len(images):
             raise DynattackError(f"--offset {offset} + --n {n} exceeds the {len(images)} test images")
         atk = build_attack(attack, model, params, progress and rank == 0)
+        train_images = _train_images(victim, dataset, data, atk) if hasattr(atk, "fit") else None
         config = RunConfig(victim=victim, attack=attack, params=atk.params(), dataset=dataset, offset=offset, n=n,
                            batch_size=batch_size, seed=seed, weights=str(weights) if weights else None, shard=shard,
                            split=_split(dataset))
-        run_attack(model, atk, config, images, labels, run_dir, resume=resume, progress=progress and rank == 0)
+        run_attack(model, atk, config, images, labels, run_dir, resume=resume, progress=progress and rank == 0,
+                   train_images=train_images)
         if world > 1:
             dist.barrier()
             summary = None
