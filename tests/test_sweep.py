@@ -107,3 +107,24 @@ def test_budgets_in_metres_and_their_names():
     assert budget_name(16 / 255, False) == "eps_16-255"
     assert budget_name(0.05, False) == "eps_0.05"
     assert budget_name(0.02, True) == "eps_0.02m"
+
+
+def test_sweep_usage_and_out_errors(capsys, tmp_path):
+    code, out, _ = main_in_process(capsys, "sweep", "--help")
+    assert code == 0 and "--eps" in out
+    line = assert_one_line_error_in_process(capsys, ["sweep", "--victim", VICTIM, "--out", str(tmp_path / "x")], "--eps")
+    assert "--help" in line
+    base = ["sweep", "--victim", VICTIM, "--eps", "1/255", "--no-progress"]
+    assert_one_line_error_in_process(capsys, [*base, "--out", str(tmp_path / "r"), "--latency-n", "-1"], "--latency-n")
+    assert_one_line_error_in_process(capsys, [*base, "--out", str(tmp_path / "r"), "--threads", "0"], "--threads")
+    assert_one_line_error_in_process(capsys, ["sweep", "--victim", "nope", "--eps", "1/255", "--out",
+                                              str(tmp_path / "r")], "nope")
+    assert not (tmp_path / "r").exists()
+    (tmp_path / "file").write_text("x")
+    assert_one_line_error_in_process(capsys, [*base, "--out", str(tmp_path / "file")], "is a file")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert_one_line_error_in_process(capsys, [*base, "--out", str(other)], "not empty")
+    assert_one_line_error_in_process(capsys, [*base, "--out", str(other), "--resume"], "not empty")
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
