@@ -638,9 +638,40 @@ class Attack:
         return out
 
 
+GRAD_MODES = {"fgm": "hard", "lgm": "lgm", "lgm_st": "lgm_st"}
+ENERGY_OBJECTIVES = ("complexity", "fixed_point")
+
+
 class EnergyAttack(Attack):
     """Energy attacks: the best input runs the most FLOPs (then has the lowest L2); the goal is
-    every costed gated unit on."""
+    every costed gated unit on.
+
+    Dynamics-aware gradients (:meth:`set_dynamics`, for the attacks that take them):
+
+    * ``grad``: gate mode of the gradient forward, as the accuracy attacks (``fgm``: the hard
+      network, a unit that is off is not in the graph; ``lgm``: every mask ``sigmoid(lam q)``
+      in the forward and backward, so the gate values recorded after a unit see its soft mask
+      and the complexity loss differentiates what switching it on does to later decisions;
+      ``lgm_st``: hard forward, sigmoid backward).
+    * ``lam`` -> ``lam_end``: the slope of the surrogate, annealed geometrically over the
+      iterations (``lam_t = lam (lam_end / lam)^(t / (steps - 1))``: start soft, end hard);
+      ``lam_end=None`` keeps ``lam`` throughout.
+    * ``objective``: ``complexity`` (the gate-value hinge ``sum_u w_u relu(tau_u - G_u)`` on
+      the gradient forward) or ``fixed_point``: the gradient forward runs with every gate forced
+      on (a static network, all-on by construction) and the loss is the hinge of its logits,
+      ``sum_u w_u relu(margin - q_u)``. The natural hard run is all-on exactly when every such
+      logit is >= 0 (for gates whose logits depend only on computations that are on), so the
+      loss is zero exactly at the fixed point the attack looks for.
+
+    Every evaluation, stop test, best-keeping and reported figure is on the hard network (one
+    more, hard, forward per iteration whenever the gradient forward is not the hard network).
+    """
+
+    grad = "fgm"
+    lam_start = 1.0
+    lam_end: float | None = None
+    objective = "complexity"
+    fp_margin = 0.0
 
     def goal(self, ev, labels):
         return ev.all_on
@@ -652,8 +683,87 @@ class EnergyAttack(Attack):
         if not clean.gate_names:
             raise DynattackError(f"{type(self).__name__}: the model declares no gates: nothing to switch on")
 
+    # ---- dynamics-aware gradients ----------------------------------------------------------
+    def set_dynamics(self, grad: str = "fgm", lam: float = 1.0, lam_end: float | None = None,
+                     objective: str = "complexity", fp_margin: float = 0.0) -> None:
+        """Check and set the gradient mode, slope schedule and objective (see the class docstring)."""
+        owner = type(self).__name__
+        if grad not in GRAD_MODES:
+            raise DynattackError(f"{owner}: grad must be one of {', '.join(GRAD_MODES)}, got {grad!r}")
+        if objective not in ENERGY_OBJECTIVES:
+            raise DynattackError(f"{owner}: objective must be one of {', '.join(ENERGY_OBJECTIVES)}, got {objective!r}")
+        lam = check_positive(owner, "lam", lam)
+        if lam_end is not None:
+            lam_end = check_positive(owner, "lam_end", lam_end)
+            if grad == "fgm":
+                raise DynattackError(f"{owner}: lam_end anneals the LGM slope: it needs grad lgm or lgm_st, not fgm")
+        if objective == "fixed_point" and grad != "fgm":
+            raise DynattackError(f"{owner}: objective fixed_point runs the forced-on network, whose masks are "
+                                 f"constant: grad must be fgm, got {grad!r}")
+        if isinstance(fp_margin, bool) or not isinstance(fp_margin, (int, float)) or not math.isfinite(fp_margin) \
+                or fp_margin < 0:
+            raise DynattackError(f"{owner}: fp_margin must be a finite number >= 0, got {fp_margin!r}")
+        self.grad, self.grad_gate_mode = grad, GRAD_MODES[grad]
+        self.lam_start, self.lam_end, self.grad_lam = lam, lam_end, lam
+        self.objective, self.fp_margin = objective, float(fp_margin)
 
-GRAD_MODES = {"fgm": "hard", "lgm": "lgm", "lgm_st": "lgm_st"}
+    def dynamics_params(self) -> dict:
+        return {"grad": self.grad, "lam": self.lam_start, "lam_end": self.lam_end, "objective": self.objective,
+                "fp_margin": self.fp_margin}
+
+    def lam_at(self, it: int) -> float:
+        """The LGM slope of iteration ``it`` (geometric from ``lam`` to ``lam_end``)."""
+        if self.lam_end is None or self.steps <= 1:
+            return self.lam_start
+        frac = min(max(it, 0), self.steps - 1) / (self.steps - 1)
+        return self.lam_start * (self.lam_end / self.lam_start) ** frac
+
+    def schedule(self, it: int) -> None:
+        """Set the slope the gradient forward of iteration ``it`` runs with (call from
+        ``init_state`` with 0 and at the end of ``step`` with ``it + 1``)."""
+        self.grad_lam = self.lam_at(it)
+
+    def _gradient_forward(self, x_in: torch.Tensor, full: float) -> Forward:
+        if self.objective != "fixed_point":
+            return super()._gradient_forward(x_in, full)
+        with gate_mode(self.model, "hard", force="on"), Trace() as trace:
+            logits = prediction(self.model, self.model(x_in))
+        units = gate_units(trace, x_in.shape[0], x_in.device)
+        return Forward(x_in, logits, trace, units, self._evaluate(x_in.detach(), full))
+
+    def energy_losses(self, fwd: Forward, weighted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(n,)`` losses ``(L_C, L_F)`` of a gradient forward: the objective to descend and the
+        finished loss (minus what the units already satisfied hold: GradAuto's Eq. 20), each unit
+        weighted by its share of the gated FLOPs (``weighted``) or by 1.
+
+        ``complexity``: ``L_C = sum w relu(tau - G)``, ``L_F = -sum w relu(G - tau)``, G the gate
+        values of the gradient forward (in ``lgm`` the values of a network whose masks are soft).
+        ``fixed_point``: the same hinges on the forced-on forward's logits against ``fp_margin``."""
+        u = fwd.units
+        w = u.weight if weighted else torch.ones_like(u.weight)
+        if self.objective == "fixed_point":
+            n = fwd.x.shape[0]
+            if len(fwd.trace):
+                q = torch.cat([e.full("logit", n, 0.0).reshape(n, -1) for e in fwd.trace], 1).to(u.value.dtype)
+            else:
+                q = u.value
+            return (torch.relu(self.fp_margin - q) * w).sum(1), -(torch.relu(q - self.fp_margin) * w).sum(1)
+        return (torch.relu(u.tau - u.value) * w).sum(1), -(torch.relu(u.value - u.tau) * w).sum(1)
+
+    def objective_gradient(self, images: torch.Tensor, it: int = 0) -> torch.Tensor:
+        """``d L_C / d x`` at ``images`` with the slope of iteration ``it``: the gradient an
+        iteration of the attack starts from, before any rectification (for tests and diagnostics)."""
+        with torch.inference_mode(False), torch.enable_grad(), victim_context(self.model):
+            images, _ = self._check_inputs(images, None)
+            full = cost.profile(self.model, tuple(images.shape[1:])).full
+            saved = self.grad_lam
+            self.grad_lam = self.lam_at(it)
+            try:
+                x = images.clone().requires_grad_()
+                l_c, _ = self.energy_losses(self._gradient_forward(x, full))
+                return vjp(l_c, x)
+            finally:
+                self.grad_lam = saved
 
 
 class AccuracyAttack(Attack):

@@ -22,6 +22,14 @@ error: K weighs a unit-norm complexity direction against the MSE, independent of
 is comparable with the paper's Table 3 (K in 1e-3 .. 1e2). With rectified magnitude off (ablation)
 the raw ``N * g_C + g_L2`` of Eq. 7 is used and K plays no part.
 
+Dynamics-aware variants (ours, issue 16; default off): ``grad=lgm|lgm_st`` takes the gradient
+through the LGM surrogate ``sigmoid(lam q)`` of every mask, ``lam`` optionally annealed to
+``lam_end`` (start soft, end hard), so a unit's soft mask reaches the gate values after it and
+the gradient says what switching it on does to later decisions; ``objective=fixed_point``
+pushes every gate logit of the forced-on network to >= 0 instead (see
+:class:`~dynattack.attacks.base.EnergyAttack`). Measured against the default in
+bench/results/energy_dynamics.md.
+
 After all-on (ours, ``keep_optimising_distortion``; the paper has no such phase): the first all-on
 iterate is far from the least distorted all-on input. A sample that reaches all-on spends its
 remaining iterations on a minimum-norm search along the all-on boundary
@@ -116,7 +124,19 @@ class GradAuto(EnergyAttack):
             the first ~100 Adam steps; with 0.3 (our default) it moves at half the speed of
             mid-grey pixels (on 20 test images: SkipNet-38-RNN-HRL recovery 53.5 -> 60.6 %, PSNR
             17.6 -> 21.5 dB; RNN-SP 100 % either way, PSNR 20.5 -> 29.9 dB).
+        grad: gradient mode of the gradient forward, ``fgm`` (hard network, default) | ``lgm``
+            (masks ``sigmoid(lam q)`` forward and backward) | ``lgm_st`` (hard forward, sigmoid
+            backward); ``lam``: the surrogate's slope; ``lam_end``: anneal it geometrically from
+            ``lam`` to ``lam_end`` over the iterations (None: constant ``lam``).
+        objective: ``complexity`` (Eq. 6/8 on the gradient forward, default) | ``fixed_point``
+            (every gate forced on in the gradient forward, hinge ``relu(fp_margin - q)`` of its
+            logits, cost-weighted; needs ``grad=fgm``); see
+            :class:`~dynattack.attacks.base.EnergyAttack`. Rectified direction and magnitude and
+            the minimum-norm search apply to whichever objective: ``L_F`` is its finished loss.
         seed, history, progress: see :class:`~dynattack.attacks.base.Attack`.
+
+    Every reported figure (FLOPs, all-on, best-keeping, the search's all-on test) is measured on
+    the hard network, whatever ``grad`` and ``objective``.
 
     The perturbation lives in tanh space as in Carlini-Wagner, but mapped so that ``delta = 0``
     gives back the clean input exactly (:func:`tanh_space`). The paper's Eq. 3,
@@ -145,6 +165,11 @@ class GradAuto(EnergyAttack):
         early_stop: bool = True,
         keep_optimising_distortion: bool = True,
         tanh_eps: float = 0.3,
+        grad: str = "fgm",
+        lam: float = 1.0,
+        lam_end: float | None = None,
+        objective: str = "complexity",
+        fp_margin: float = 0.0,
         seed: int = 0,
         history: bool = False,
         progress: bool = True,
@@ -160,17 +185,20 @@ class GradAuto(EnergyAttack):
         self.tanh_eps = check_positive(owner, "tanh_eps", tanh_eps)
         if self.tanh_eps >= 1:
             raise DynattackError(f"{owner}: tanh_eps must be in (0, 1), got {tanh_eps!r}")
+        self.set_dynamics(grad, lam, lam_end, objective, fp_margin)
 
     def params(self) -> dict:
         return {**super().params(), "K": self.K, "lr": self.lr, "rectify_direction": self.rectify_direction,
                 "rectify_magnitude": self.rectify_magnitude, "rd_start": self.rd_start,
-                "keep_optimising_distortion": self.keep_optimising_distortion, "tanh_eps": self.tanh_eps}
+                "keep_optimising_distortion": self.keep_optimising_distortion, "tanh_eps": self.tanh_eps,
+                **self.dynamics_params()}
 
     # ---- hooks -----------------------------------------------------------------------------
     # The gradient forward runs on the input itself (the leaf): rows in their Adam phase convert
     # the input gradient to tanh space with the map's closed-form Jacobian (:meth:`_delta_grad`),
     # rows on the boundary search use it as it is, so both kinds share one batched forward.
     def init_state(self, images, labels, clean):
+        self.schedule(0)
         lim = 1.0 - self.tanh_eps
         w = torch.atanh((2 * images - 1).clamp(-lim, lim))
         delta = torch.zeros_like(images)
@@ -214,9 +242,9 @@ class GradAuto(EnergyAttack):
         return 2 * (x_adv - state["x"][idx]) * jac
 
     def step(self, state, idx, leaf, fwd: Forward, keep, it):
-        u = fwd.units
-        l_c = (torch.relu(u.tau - u.value) * u.weight).sum(1)  # (n,) Eq. 6/8
-        l_f = -(torch.relu(u.value - u.tau) * u.weight).sum(1)  # (n,) Eq. 20
+        l_c, l_f = self.energy_losses(fwd)  # (n,) Eq. 6/8 and Eq. 20 (or the fixed-point hinges)
+        lam = self.grad_lam
+        self.schedule(it + 1)  # the slope of the next gradient forward
         use_rd = self.rectify_direction and it >= self.rd_start
         # g_F is needed for RD (and for the history's angles); with no unit above its threshold
         # it is zero, so its backward is skipped.
@@ -239,6 +267,7 @@ class GradAuto(EnergyAttack):
             return {}
         return {
             "loss_c": l_c,
+            "lam": torch.full_like(l_c, lam if self.grad != "fgm" else float("nan")),  # slope of this iteration
             "loss_f": l_f,
             "mse": (fwd.x.detach() - state["x"][idx]).flatten(1).pow(2).mean(1),
             "grad_norm_c": g_c.flatten(1).norm(dim=1),  # before rectification

@@ -3,11 +3,17 @@
 An additive perturbation ``x' = x + delta`` (no tanh, no clipping while optimising), plain SGD
 (lr 0.01, 300 iterations) on
 
-    lam * mean_b sum_u relu(tau_u - G_u)  +  mean_b ||delta_b||_2,     lam = 1e6,
+    w * mean_b sum_u relu(tau_u - G_u)  +  mean_b ||delta_b||_2,     w = 1e6 (``hinge_weight``),
 
 where the hinge runs over every unit of every gate event, unweighted (blocks, channels,
 positions alike). One backward per iteration: the norm's gradient ``delta / ||delta||`` is
 closed-form.
+
+Dynamics-aware variants (ours, default off, as :class:`~dynattack.attacks.base.EnergyAttack`):
+``grad=lgm|lgm_st`` with slope ``lam`` (annealed to ``lam_end``), and ``objective=fixed_point``
+(the same unweighted hinge on the logits of the forced-on network, ``relu(fp_margin - q)``).
+``lam`` is the LGM slope, as for every attack and the CLI's ``--lam``; the paper's hinge weight
+(1e6) is ``hinge_weight``.
 
 Two choices of ours, documented:
 
@@ -45,8 +51,11 @@ class ILFO(EnergyAttack):
         model: gated victim, inputs in [0, 1].
         steps: SGD iterations (300).
         lr: SGD learning rate (0.01).
-        lam: weight of the gate hinge (1e6).
+        hinge_weight: weight of the gate hinge (1e6).
         batch_ref: the batch size the loss is averaged over (200); see the module docstring.
+        grad, lam, lam_end, objective, fp_margin: the gradient mode (``fgm`` default), LGM slope
+            and its annealing, and the objective (``complexity`` default | ``fixed_point``); see
+            :class:`~dynattack.attacks.base.EnergyAttack`.
         seed, history, progress: see :class:`~dynattack.attacks.base.Attack`.
     """
 
@@ -59,8 +68,13 @@ class ILFO(EnergyAttack):
         model,
         steps: int = 300,
         lr: float = 0.01,
-        lam: float = 1e6,
+        hinge_weight: float = 1e6,
         batch_ref: int = 200,
+        grad: str = "fgm",
+        lam: float = 1.0,
+        lam_end: float | None = None,
+        objective: str = "complexity",
+        fp_margin: float = 0.0,
         seed: int = 0,
         history: bool = False,
         progress: bool = True,
@@ -68,13 +82,16 @@ class ILFO(EnergyAttack):
         super().__init__(model, steps=steps, seed=seed, early_stop=False, history=history, progress=progress)
         owner = type(self).__name__
         self.lr = check_positive(owner, "lr", lr)
-        self.lam = check_positive(owner, "lam", lam)
+        self.hinge_weight = check_positive(owner, "hinge_weight", hinge_weight)
         self.batch_ref = check_int(owner, "batch_ref", batch_ref, 1)
+        self.set_dynamics(grad, lam, lam_end, objective, fp_margin)
 
     def params(self) -> dict:
-        return {"steps": self.steps, "seed": self.seed, "lr": self.lr, "lam": self.lam, "batch_ref": self.batch_ref}
+        return {"steps": self.steps, "seed": self.seed, "lr": self.lr, "hinge_weight": self.hinge_weight,
+                "batch_ref": self.batch_ref, **self.dynamics_params()}
 
     def init_state(self, images, labels, clean):
+        self.schedule(0)
         never = torch.full((images.shape[0],), -1, dtype=torch.long, device=images.device)
         return {"x": images, "delta": torch.zeros_like(images), "first_all_on": never}
 
@@ -92,16 +109,16 @@ class ILFO(EnergyAttack):
         first = state["first_all_on"]
         hit = fwd.ev.all_on & (first[idx] < 0)  # fwd.ev: the hard network on the iterate as run
         first[idx[hit]] = it
-        u = fwd.units
-        hinge = torch.relu(u.tau - u.value).sum(1)  # (n,) over all units of all gates
+        hinge, _ = self.energy_losses(fwd, weighted=False)  # (n,) over all units of all gates
+        self.schedule(it + 1)
         g_hinge = vjp(hinge, leaf)
         delta = leaf.detach()
         norm = delta.flatten(1).norm(dim=1)
         g_norm = delta / per_sample_view(norm.clamp_min(torch.finfo(norm.dtype).tiny), delta)  # 0 at delta = 0
-        g = (self.lam * g_hinge + g_norm) / self.batch_ref
+        g = (self.hinge_weight * g_hinge + g_norm) / self.batch_ref
         rows = idx[keep]
         state["delta"][rows] = delta[keep] - self.lr * g[keep]
         if not self.history:
             return {}
-        return {"loss": (self.lam * hinge.detach() + norm) / self.batch_ref,
+        return {"loss": (self.hinge_weight * hinge.detach() + norm) / self.batch_ref,
                 "hinge": hinge.detach(), "grad_norm": g.flatten(1).norm(dim=1)}
