@@ -20,6 +20,7 @@ from dynattack import cost
 from dynattack.attacks import ILFO, GradAuto
 from dynattack.errors import DynattackError
 from dynattack.gates import Gate, Trace, force_gates
+from toy_models import ToyConflict, toy_images
 
 
 class ToyChain(nn.Module):
@@ -135,6 +136,31 @@ def test_dynamics_aware_attack_reaches_all_on_where_the_hard_one_cannot(kw):
     assert bool((p0 < 0.25).all())
     # the minimum-norm search keeps the least distorted all-on input: A needs p0 below 0.25
     assert bool((res.l2 < 0.35).all()), res.l2
+
+
+@pytest.mark.parametrize("kw", [dict(grad="lgm", lam=0.5, lam_end=20.0), dict(grad="lgm_st", lam=2.0),
+                                dict(objective="fixed_point")])
+def test_rectification_and_search_hold_in_every_mode(kw):
+    """ToyConflict (gate_a on, gate_b's gradient against it): with each mode the rectified
+    magnitude is K, the rectified gradient never opposes g_F, gate_a stays on, every sample ends
+    all-on, and the minimum-norm search then runs (and returns no more distortion than the first
+    all-on iterate)."""
+    model = ToyConflict()
+    x = toy_images(model, 3)
+    res = GradAuto(model, K=0.5, steps=60, progress=False, history=True, **kw)(x)
+    assert bool((res.recovery == 100).all()) and bool(res.success.all())
+    h = res.history
+    ran = h["grad_norm_c"] > 0
+    assert bool(ran.any())
+    torch.testing.assert_close(h["grad_norm_rect"][ran], torch.full_like(h["grad_norm_rect"][ran], 0.5), rtol=1e-5, atol=0)
+    cos = h["cos_rect"][torch.isfinite(h["cos_rect"])]
+    assert cos.numel() > 0 and bool((cos >= -1e-5).all())
+    assert bool((h["gate_on"][..., 0][h["active"]] == 1).all())
+    searching = h["on_boundary"] == 1
+    assert bool(searching.any(0).all())  # every sample reached the search
+    first = (h["gate_on"].min(2).values == 1) & h["active"]
+    t0 = first.double().argmax(0)
+    assert bool((res.l2 <= h["l2"][t0, torch.arange(3)] + 1e-12).all())
 
 
 def test_ilfo_takes_the_dynamics_options():
