@@ -2,7 +2,8 @@
 
 GradAuto with the hard gradient (``grad=fgm``, the default), with the gradient through the LGM
 surrogate ``sigmoid(lam q)`` annealed from soft to hard (``grad=lgm``, ``lam`` 0.5 -> 20, the
-slope of the issue's first probe), and with the forced-on fixed-point objective
+slope of the issue's first probe), the same with a hard forward and the sigmoid's backward
+(``grad=lgm_st``), and with the forced-on fixed-point objective
 (``objective=fixed_point``: every gate logit of the network with every gate forced on pushed to
 >= 0). Everything else at GradAuto's defaults (K 1, lr 0.01, rectified direction and magnitude,
 minimum-norm search after all-on). Every figure is measured on the hard network: recovery of the
@@ -36,6 +37,7 @@ VICTIMS = ["skipnet38-rnn-hrl", "skipnet38-ff-sp", "dynconv20-fmnist", "sact20-f
 VARIANTS = {
     "fgm": dict(grad="fgm"),
     "lgm 0.5->20": dict(grad="lgm", lam=0.5, lam_end=20.0),
+    "lgm_st 0.5->20": dict(grad="lgm_st", lam=0.5, lam_end=20.0),
     "fixed_point": dict(objective="fixed_point"),
 }
 
@@ -118,7 +120,8 @@ def main() -> None:
         f"Command: `{command}`",
         "",
         "Variants: `fgm` = GradAuto's default (hard gradient); `lgm 0.5->20` = `grad=lgm, lam=0.5, "
-        "lam_end=20` (geometric annealing over the iterations); `fixed_point` = `objective=fixed_point` "
+        "lam_end=20` (geometric annealing over the iterations); `lgm_st 0.5->20` the same with "
+        "`grad=lgm_st` (hard forward, sigmoid backward); `fixed_point` = `objective=fixed_point` "
         "(forced-on network, hinge of its logits, fp_margin 0). Everything else at GradAuto's defaults. "
         "Every figure measured on the hard network.",
         "",
