@@ -24,7 +24,7 @@ class PointILFO(ILFO):
     Args:
         model: point victim ``(B, N, 3 + F + 1)`` -> per-point logits, with occupancy gates.
         eps: per-coordinate budget in metres (default 0.02).
-        steps, lr, lam, batch_ref: as :class:`ILFO` (default 50 steps, as the coordinate I-FGSM).
+        steps, lr, hinge_weight, batch_ref: as :class:`ILFO` (default 50 steps, as the coordinate I-FGSM).
         seed, history, progress: see :class:`~dynattack.attacks.base.Attack`.
     """
 
@@ -32,9 +32,9 @@ class PointILFO(ILFO):
     input_range = None  # metres
     ignore_label = IGNORE
 
-    def __init__(self, model, eps: float = 0.02, steps: int = 50, lr: float = 0.01, lam: float = 1e6,
+    def __init__(self, model, eps: float = 0.02, steps: int = 50, lr: float = 0.01, hinge_weight: float = 1e6,
                  batch_ref: int = 200, seed: int = 0, history: bool = False, progress: bool = True) -> None:
-        super().__init__(model, steps=steps, lr=lr, lam=lam, batch_ref=batch_ref, seed=seed, history=history,
+        super().__init__(model, steps=steps, lr=lr, hinge_weight=hinge_weight, batch_ref=batch_ref, seed=seed, history=history,
                          progress=progress)
         self.eps = check_positive(type(self).__name__, "eps", eps)
 
