@@ -429,3 +429,15 @@ def test_ilfo_success_iteration_is_the_first_all_on_iterate_as_run():
     assert (res.success_iteration < 40).all() and (res.iterations == 40).all()  # ILFO runs every step
     assert torch.equal(res.history["gate_on"].amin(2) == 1, on)  # the history describes the same inputs
     assert torch.equal(res.success, toy_all_on(res.adv))  # success: the returned, clamped input
+
+
+def test_ilfo_never_returns_a_non_finite_input():
+    """A step that would overflow (here forced with a huge lr x hinge weight; ManiDP's own
+    gradients did it at the defaults) is not taken: the returned input stays finite."""
+    from dynattack.attacks import ILFO
+    from toy_models import ToyGated, toy_images
+
+    model = ToyGated().eval()
+    cost.calibrate(model, model.input_shape)
+    res = ILFO(model, steps=5, lr=1e10, hinge_weight=1e38, progress=False)(toy_images(model, 4))
+    assert torch.isfinite(res.adv).all() and torch.isfinite(res.flops_adv).all()

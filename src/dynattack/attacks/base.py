@@ -151,6 +151,17 @@ def gate_units(trace: Trace, n: int, device: torch.device | None = None) -> Gate
     return GateUnits(torch.cat(values, 1), torch.cat(taus).to(values[0].dtype), weight, torch.cat(ons, 1), names, sizes)
 
 
+def complexity_loss(units: GateUnits, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``(n,)`` GradAuto's complexity loss ``sum_u lambda_u relu(tau_u - G_u)`` (Eq. 6/8),
+    ``lambda_u`` the unit's share of the gated FLOPs (``units.weight``) unless ``weight`` is given."""
+    return (torch.relu(units.tau - units.value) * (units.weight if weight is None else weight)).sum(1)
+
+
+def finished_loss(units: GateUnits, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``(n,)`` GradAuto's finished loss ``-sum_u lambda_u relu(G_u - tau_u)`` (Eq. 20)."""
+    return -(torch.relu(units.value - units.tau) * (units.weight if weight is None else weight)).sum(1)
+
+
 def vjp(loss: torch.Tensor, leaf: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
     """Gradient of ``loss.sum()`` w.r.t. ``leaf``; zeros where the loss does not depend on it.
 
@@ -748,7 +759,7 @@ class EnergyAttack(Attack):
             else:
                 q = u.value
             return (torch.relu(self.fp_margin - q) * w).sum(1), -(torch.relu(q - self.fp_margin) * w).sum(1)
-        return (torch.relu(u.tau - u.value) * w).sum(1), -(torch.relu(u.value - u.tau) * w).sum(1)
+        return complexity_loss(u, w), finished_loss(u, w)
 
     def objective_gradient(self, images: torch.Tensor, it: int = 0) -> torch.Tensor:
         """``d L_C / d x`` at ``images`` with the slope of iteration ``it``: the gradient an

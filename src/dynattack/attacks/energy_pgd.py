@@ -61,20 +61,10 @@ import time
 import torch
 
 from ..errors import DynattackError
-from .base import GRAD_MODES, EnergyAttack, Forward, GateUnits, check_bool, check_int, check_positive, vjp
+from .base import (GRAD_MODES, EnergyAttack, Forward, check_bool, check_int, check_positive, complexity_loss,
+                   finished_loss, vjp)
 from .gradauto import rectify
 from .ifgsm import IFGSM, check_eps
-
-
-def complexity_loss(units: GateUnits) -> torch.Tensor:
-    """``(n,)`` GradAuto's complexity loss ``sum_u lambda_u relu(tau_u - G_u)`` (Eq. 6/8),
-    ``lambda_u`` = the unit's share of the total gated FLOPs (:func:`~dynattack.attacks.base.gate_units`)."""
-    return (torch.relu(units.tau - units.value) * units.weight).sum(1)
-
-
-def finished_loss(units: GateUnits) -> torch.Tensor:
-    """``(n,)`` GradAuto's finished loss ``-sum_u lambda_u relu(G_u - tau_u)`` (Eq. 20)."""
-    return -(torch.relu(units.value - units.tau) * units.weight).sum(1)
 
 
 def restart_seed(seed: int, restart: int) -> int:

@@ -116,8 +116,11 @@ class ILFO(EnergyAttack):
         norm = delta.flatten(1).norm(dim=1)
         g_norm = delta / per_sample_view(norm.clamp_min(torch.finfo(norm.dtype).tiny), delta)  # 0 at delta = 0
         g = (self.hinge_weight * g_hinge + g_norm) / self.batch_ref
-        rows = idx[keep]
-        state["delta"][rows] = delta[keep] - self.lr * g[keep]
+        # A step that leaves the floats is not taken: at the 1e6 hinge weight ManiDP's gradients
+        # overflow, and the inf/NaN input ILFO returned (clamp keeps NaN) was 8 of 10 samples.
+        new = delta - self.lr * g
+        ok = keep & torch.isfinite(new.flatten(1)).all(1)
+        state["delta"][idx[ok]] = new[ok]
         if not self.history:
             return {}
         return {"loss": (self.hinge_weight * hinge.detach() + norm) / self.batch_ref,

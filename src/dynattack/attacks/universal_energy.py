@@ -7,7 +7,7 @@ whether an adversary who cannot see the input can still waste the victim's compu
 Fitting (:meth:`UniversalEnergy.fit`): ``steps`` sign steps on minibatches of ``fit_batch``
 training images (a seeded permutation of the first ``train_n``, cycled), each descending the mean
 over the minibatch of GradAuto's cost-weighted complexity loss
-``L_C = sum_u lambda_u relu(tau_u - G_u)`` (:func:`~dynattack.attacks.energy_pgd.complexity_loss`)
+``L_C = sum_u lambda_u relu(tau_u - G_u)`` (:func:`~dynattack.attacks.base.complexity_loss`)
 at ``clip(x + delta)``, then ``delta`` clipped to ``[-eps, eps]``. The gradient flows through the
 hard network (``grad="fgm"``) or the LGM surrogate (``lgm``, ``lgm_st``). The final ``delta`` is
 kept (no best-so-far selection on training batches: that would be selection on noise).
@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from .. import cost
 from ..errors import DynattackError
 from ..gates import Trace, gate_mode
-from .base import GRAD_MODES, EnergyAttack, check_int, check_positive, gate_units, victim_context, vjp
-from .energy_pgd import complexity_loss
+from .base import (GRAD_MODES, EnergyAttack, check_int, check_positive, complexity_loss, gate_units,
+                   victim_context, vjp)
 from .ifgsm import IFGSM, check_eps
 
 
