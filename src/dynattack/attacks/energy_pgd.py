@@ -61,7 +61,7 @@ import time
 import torch
 
 from ..errors import DynattackError
-from .base import (GRAD_MODES, EnergyAttack, Forward, check_bool, check_int, check_positive, complexity_loss,
+from .base import (EnergyAttack, Forward, check_bool, check_int, check_positive, complexity_loss,
                    finished_loss, vjp)
 from .gradauto import rectify
 from .ifgsm import IFGSM, check_eps
@@ -122,11 +122,7 @@ class EnergyPGD(EnergyAttack):
         if self.restarts > 1 and not self.random_start:
             raise DynattackError(f"{owner}: restarts > 1 needs random_start=True (every restart from the clean "
                                  "image is the same run)")
-        if grad not in GRAD_MODES:
-            raise DynattackError(f"{owner}: grad must be one of {', '.join(GRAD_MODES)}, got {grad!r}")
-        self.grad = grad
-        self.grad_gate_mode = GRAD_MODES[grad]
-        self.grad_lam = check_positive(owner, "lam", lam)
+        self.set_dynamics(grad, lam)
         self.rectify_direction = check_bool(owner, "rectify_direction", rectify_direction)
 
     def params(self) -> dict:

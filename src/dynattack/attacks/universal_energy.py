@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .. import cost
 from ..errors import DynattackError
 from ..gates import Trace, gate_mode
-from .base import (GRAD_MODES, EnergyAttack, check_int, check_positive, complexity_loss, gate_units,
+from .base import (EnergyAttack, check_int, check_positive, complexity_loss, gate_units,
                    victim_context, vjp)
 from .ifgsm import IFGSM, check_eps
 
@@ -61,16 +61,14 @@ class UniversalEnergy(EnergyAttack):
         self.alpha = self.eps / 10 if alpha is None else check_positive(owner, "alpha", alpha)
         self.train_n = check_int(owner, "train_n", train_n, 1)
         self.fit_batch = check_int(owner, "fit_batch", fit_batch, 1)
-        if grad not in GRAD_MODES:
-            raise DynattackError(f"{owner}: grad must be one of {', '.join(GRAD_MODES)}, got {grad!r}")
-        self.grad, self.lam = grad, check_positive(owner, "lam", lam)
+        self.set_dynamics(grad, lam)
         self.perturbation: torch.Tensor | None = None
 
     ball = IFGSM.ball  # uses self.eps only: the exact float32 ball around x
 
     def params(self) -> dict:
         return {"eps": self.eps, "steps": self.fit_steps, "alpha": self.alpha, "train_n": self.train_n,
-                "fit_batch": self.fit_batch, "grad": self.grad, "lam": self.lam, "seed": self.seed}
+                "fit_batch": self.fit_batch, "grad": self.grad, "lam": self.grad_lam, "seed": self.seed}
 
     # ---- fitting ---------------------------------------------------------------------------
     def fit(self, train_images: torch.Tensor) -> torch.Tensor:
@@ -91,7 +89,7 @@ class UniversalEnergy(EnergyAttack):
                 rows = order[start:start + self.fit_batch].to(x_all.device)
                 x = x_all[rows]
                 leaf = delta.clone().requires_grad_()
-                with gate_mode(self.model, GRAD_MODES[self.grad], lam=self.lam), Trace() as trace:
+                with gate_mode(self.model, self.grad_gate_mode, lam=self.grad_lam), Trace() as trace:
                     self.model(torch.clamp(x + leaf, 0, 1))
                 units = gate_units(trace, len(x), x.device)
                 if units.value.shape[1] == 0:
