@@ -181,6 +181,17 @@ def parse_params(pairs: list[str]) -> dict:
     return params
 
 
+def run_params(pairs: list[str], latency_n: int, threads: int | None, **options) -> dict:
+    """The attack parameters of `attack` and `sweep`: ``--param key=value`` pairs, overridden by
+    the dedicated options given (``--eps``, ``--grad``, ...); checks ``--latency-n`` and ``--threads``."""
+    check_latency_n(latency_n)
+    if threads is not None and threads < 1:
+        raise DynattackError(f"--threads must be >= 1, got {threads}")
+    params = parse_params(pairs)
+    params.update({key: value for key, value in options.items() if value is not None})
+    return params
+
+
 def parse_shard(text: str | None) -> tuple[int, int]:
     if text is None:
         return (0, 1)
@@ -219,14 +230,8 @@ def attack_cmd(
     """Attack the first N test images of a victim's dataset; results go into the run directory."""
     from .runner import run_cli_attack
 
-    check_latency_n(latency_n)
-    if threads is not None and threads < 1:
-        raise DynattackError(f"--threads must be >= 1, got {threads}")
-    params = parse_params(param)
-    for key, value in (("eps", parse_value(eps) if eps is not None else None), ("grad", grad), ("lam", lam),
-                       ("steps", steps)):
-        if value is not None:
-            params[key] = value
+    params = run_params(param, latency_n, threads, eps=parse_value(eps) if eps is not None else None, grad=grad,
+                        lam=lam, steps=steps)
     summary = run_cli_attack(victim=victim, attack=attack, params=params, out=out, n=n, offset=offset,
                              batch_size=batch_size, seed=seed, resume=resume, shard=parse_shard(shard),
                              latency_n=latency_n, weights=weights, data=data, device=resolve_device(device),
@@ -272,13 +277,7 @@ def sweep_cmd(
     """Run an attack at every budget of --eps (one run directory each) and write sweep.json and sweep.png."""
     from .sweep import run_sweep
 
-    check_latency_n(latency_n)
-    if threads is not None and threads < 1:
-        raise DynattackError(f"--threads must be >= 1, got {threads}")
-    params = parse_params(param)
-    for key, value in (("grad", grad), ("lam", lam), ("steps", steps)):
-        if value is not None:
-            params[key] = value
+    params = run_params(param, latency_n, threads, grad=grad, lam=lam, steps=steps)
     result = run_sweep(victim=victim, attack=attack, budgets=parse_budgets(eps), params=params, out=out, n=n,
                        offset=offset, batch_size=batch_size, seed=seed, resume=resume, latency_n=latency_n,
                        weights=weights, data=data, device=resolve_device(device), progress=progress,

@@ -8,7 +8,7 @@ adversary switch back on? It is PGD (Madry et al., 2018) on the complexity objec
     L_C(x') = sum_u lambda_u relu(tau_u - G_u(x'))        (GradAuto's Eq. 6/8)
 
 over every unit of every gate event, ``lambda_u`` the unit's share of the total gated FLOPs
-(``event.unit_cost``, as GradAuto weighs it: :func:`complexity_loss`), descended with sign steps::
+(``event.unit_cost``, as GradAuto weighs it: :func:`~dynattack.attacks.base.complexity_loss`), descended with sign steps::
 
     g     = grad_x' L_C                     (optionally GradAuto's rectified direction against
                                              L_F = -sum_u lambda_u relu(G_u - tau_u), so the step
@@ -61,8 +61,7 @@ import time
 import torch
 
 from ..errors import DynattackError
-from .base import (EnergyAttack, Forward, check_bool, check_int, check_positive, complexity_loss,
-                   finished_loss, vjp)
+from .base import (EnergyAttack, Forward, check_bool, check_int, check_positive, vjp)
 from .gradauto import rectify
 from .ifgsm import IFGSM, check_eps
 
@@ -147,9 +146,7 @@ class EnergyPGD(EnergyAttack):
         return state["adv"][idx].clone()
 
     def step(self, state, idx, leaf, fwd: Forward, keep, it):
-        u = fwd.units
-        l_c = complexity_loss(u)
-        l_f = finished_loss(u)
+        l_c, l_f = self.energy_losses(fwd)
         need_f = self.rectify_direction and bool((l_f < 0).any())
         g_c = vjp(l_c, leaf, retain_graph=need_f)
         g = rectify(g_c, vjp(l_f, leaf), magnitude=False) if need_f else g_c
