@@ -42,6 +42,9 @@ SUMMARY_KEYS = (
     "victim", "attack", "n", "clean_acc", "adv_acc", "flops_full", "flops_clean", "flops_adv", "recovery_pct",
     "recovery_pct_mean", "psnr_db", "linf", "l2", "arch_change_pct", "miou_clean", "miou_adv",
     "latency_clean_ms", "latency_adv_ms", "latency_full_ms", "iterations_mean", "seconds",
+    # multi-exit victims (null for the others): exit rates per exit, final classifier last, and
+    # DeepSloth's early-exit efficacy (metrics.early_exit_efficacy)
+    "exit_rates_clean", "exit_rates_adv", "early_exit_efficacy_clean", "early_exit_efficacy_adv",
 )
 TIMING_KEYS = ("latency_clean_ms", "latency_adv_ms", "latency_full_ms", "seconds")
 

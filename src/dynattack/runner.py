@@ -50,6 +50,7 @@ def per_sample_records(model, config: RunConfig, batch: int, start: int, images,
     else:
         changed = units = torch.zeros(len(images), dtype=torch.long)
     gates_clean, gates_adv = _gate_on_fractions(t_clean, len(images)), _gate_on_fractions(t_adv, len(images))
+    exits = _exit_records(model, t_clean, t_adv, len(images))
     psnr = metrics.psnr(images, res.adv)
     records = []
     for k in range(len(images)):
@@ -62,8 +63,46 @@ def per_sample_records(model, config: RunConfig, batch: int, start: int, images,
             "iterations": int(res.iterations[k]), "success": bool(res.success[k]),
             "units_changed": int(changed[k]), "units": int(units[k]),
             "gates_clean": gates_clean[k].tolist(), "gates_adv": gates_adv[k].tolist(),
+            **{key: (None if v is None else v[k]) for key, v in exits.items()},
         })
     return records
+
+
+EXIT_FIELDS = ("exits", "exit_clean", "exit_adv", "efficacy_clean", "efficacy_adv")
+
+
+def _exit_records(model, t_clean: Trace, t_adv: Trace, n: int) -> dict[str, list | None]:
+    """Per-sample exit figures of a multi-exit victim (:func:`metrics.exit_chain`; all None for
+    the others): the number of exits (the final classifier included), the exit each run stopped
+    at, and its share of DeepSloth's early-exit efficacy (:func:`metrics.sample_efficacy`)."""
+    none = {key: None for key in EXIT_FIELDS}
+    if not len(t_clean):
+        return none
+    prof = cost.profile(model)
+    idx_clean, idx_adv = metrics.exit_index(t_clean, prof.parents), metrics.exit_index(t_adv, prof.parents)
+    fractions = metrics.exit_cost_fractions(t_clean, prof.full, prof.parents)
+    if idx_clean is None or idx_adv is None or fractions is None:
+        return none
+    return {"exits": [len(fractions)] * n, "exit_clean": idx_clean.tolist(), "exit_adv": idx_adv.tolist(),
+            "efficacy_clean": metrics.sample_efficacy(idx_clean, fractions).tolist(),
+            "efficacy_adv": metrics.sample_efficacy(idx_adv, fractions).tolist()}
+
+
+def _exit_summary(records: list[dict]) -> dict:
+    """``exit_rates_clean`` / ``exit_rates_adv`` (share of the samples stopping at each exit, the
+    final classifier last) and ``early_exit_efficacy_clean`` / ``_adv`` (DeepSloth's area under the
+    early-exit capability curve: the mean of the samples' shares, :func:`metrics.sample_efficacy`);
+    None for victims without exits."""
+    out = {"exit_rates_clean": None, "exit_rates_adv": None, "early_exit_efficacy_clean": None,
+           "early_exit_efficacy_adv": None}
+    if not records or any(r.get("exits") is None for r in records):
+        return out
+    k = records[0]["exits"]
+    for tag in ("clean", "adv"):
+        out[f"exit_rates_{tag}"] = metrics.exit_rates(torch.tensor([r[f"exit_{tag}"] for r in records]), k)
+        out[f"early_exit_efficacy_{tag}"] = float(torch.tensor([r[f"efficacy_{tag}"] for r in records],
+                                                               dtype=torch.float64).mean())
+    return out
 
 
 def _gate_on_fractions(trace: Trace, n: int) -> torch.Tensor:
@@ -113,7 +152,10 @@ def summarize(records: list[dict], config: dict) -> dict:
         "iterations_mean": float(col("iterations").mean()),
         "seconds": None,
     }
-    return {k: _json_value(v) for k, v in summary.items()}
+    summary = {k: _json_value(v) for k, v in summary.items()}
+    exits = _exit_summary(records)
+    summary.update({k: v if v is None or isinstance(v, list) else _json_value(v) for k, v in exits.items()})
+    return summary
 
 
 # ----------------------------------------------------------------------------- the run

@@ -399,6 +399,27 @@ register(ModelSpec(
 ))
 
 
+# -- SDN early exit ----------------------------------------------------------------------------
+
+from . import early_exit as _early_exit  # noqa: E402
+
+# SDN (2-core CPU, batch 128, 430 steps per epoch): training runs every block and all 6 ICs on
+# the whole batch (the joint loss needs every exit's logits); the ICs are pooling + one linear
+# layer each (0.3 % of the FLOPs), so a step costs about a static ResNet-20 step. It starts from
+# the zoo's static ResNet-20 (`init_from`, ICs fresh). Epoch time measured before the shipped run:
+# see the card's train_seconds. The confidence threshold is chosen on the validation split after
+# training (train/early_exit.py: within 2 points of the final exit's accuracy, least FLOPs).
+register(ModelSpec(
+    name="sdn20-fmnist",
+    family="early_exit",
+    build=lambda: _early_exit.sdn_cifar(20, **_FMNIST),
+    description="SDN (Shallow-Deep Network) on ResNet-20: 6 internal classifiers (mixed max-average pooling + "
+                "linear) after blocks 1, 3, 4, 5, 7, 8, one confidence threshold, joint weighted loss over all "
+                "exits, fine-tuned from the static ResNet-20",
+    train_args={"init_from": "resnet20-fmnist", "epochs": 4, "lr": 0.05, "batch_size": 128, "val_drop": 0.02},
+))
+
+
 # -- ManiDP -------------------------------------------------------------------------------------
 
 from . import manidp as _manidp  # noqa: E402

@@ -36,6 +36,14 @@ SUMMARY_ROWS = {
     "latency_clean_ms": ("Latency, clean", "ms", "batch 1, real conditional execution"),
     "latency_adv_ms": ("Latency, adversarial", "ms", "batch 1, real conditional execution"),
     "latency_full_ms": ("Latency, all gates on", "ms", "batch 1, every gate forced on"),
+    "exit_rates_clean": ("Exit rates, clean", "rates", "multi-exit victims: share of samples stopping at each exit, "
+                         "final classifier last"),
+    "exit_rates_adv": ("Exit rates, adversarial", "rates", "multi-exit victims: share of samples stopping at each "
+                       "exit, final classifier last"),
+    "early_exit_efficacy_clean": ("Early-exit efficacy, clean", "float3", "DeepSloth: area under the cumulative "
+                                  "share of exited samples vs the fraction of the full network's cost"),
+    "early_exit_efficacy_adv": ("Early-exit efficacy, adversarial", "float3", "DeepSloth: area under the cumulative "
+                                "share of exited samples vs the fraction of the full network's cost"),
     "iterations_mean": ("Iterations", "float1", "mean attack iterations per sample"),
     "seconds": ("Attack time", "seconds", "summed over every batch and process of the run"),
 }
@@ -65,6 +73,8 @@ SECTIONS = (
 def _fmt(kind: str, v) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "n/a"
+    if kind == "rates" and isinstance(v, list):  # shares per exit
+        return " / ".join("n/a" if x is None else f"{100 * x:.1f}" for x in v) + " %"
     if isinstance(v, (dict, list)):  # a figure the page does not know: compact, in a wrapped cell
         return json.dumps(v, separators=(", ", ": "))
     if kind == "text" or not isinstance(v, (int, float)) or isinstance(v, bool):
@@ -87,6 +97,8 @@ def _fmt(kind: str, v) -> str:
         return f"{v:.1f} s" if v < 120 else f"{v:.1f} s ({datetime.timedelta(seconds=round(v))})"
     if kind == "float1":
         return f"{v:.1f}"
+    if kind == "float3":
+        return f"{v:.3f}"
     if kind == "iou":
         return f"{v:.3f}"
     return f"{v:.4g}"
@@ -144,6 +156,29 @@ def _iou_table(run: Run) -> str:
     return (f"<h3>Per-class IoU</h3><table class='iou'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
             f"<p class='caption'>IoU of each class pooled over all points of all scenes ({keys}); n/a: a class "
             "neither present nor predicted.</p>")
+
+
+def _exit_table(run: Run) -> str:
+    """Multi-exit victims: one row per exit (the final classifier last), clean and adversarial
+    exit rates side by side, and the early-exit efficacy with its relative change."""
+    summary = run.summary or {}
+    clean, adv = summary.get("exit_rates_clean"), summary.get("exit_rates_adv")
+    if not isinstance(clean, list) or not isinstance(adv, list):
+        return ""
+    names = [f"exit {k + 1}" for k in range(len(clean) - 1)] + ["final"]
+    body = "".join(f"<tr><th>{html.escape(name)}</th><td class='num'>{html.escape(_fmt('pct', c))}</td>"
+                   f"<td class='num'>{html.escape(_fmt('pct', a))}</td></tr>" for name, c, a in zip(names, clean, adv))
+    e_clean, e_adv = summary.get("early_exit_efficacy_clean"), summary.get("early_exit_efficacy_adv")
+    change = ""
+    if e_clean and e_adv is not None:
+        change = f" ({(e_adv - e_clean) / e_clean * 100:+.1f} %)"
+    body += (f"<tr class='derived'><th>efficacy</th><td class='num'>{html.escape(_fmt('float3', e_clean))}</td>"
+             f"<td class='num'>{html.escape(_fmt('float3', e_adv) + change)}</td></tr>")
+    return ("<h3>Early exits</h3><table class='iou'><thead><tr><th>exit</th><th>clean</th><th>adversarial</th></tr>"
+            f"</thead><tbody>{body}</tbody></table><p class='caption'>Share of the samples stopping at each exit "
+            "(<code>exit_rates_clean</code>, <code>exit_rates_adv</code>) and DeepSloth's early-exit efficacy, the "
+            "area under the early-exit capability curve (<code>early_exit_efficacy_*</code>; a slowdown attack "
+            "lowers it).</p>")
 
 
 def _headline(run: Run) -> str:
@@ -238,7 +273,7 @@ def render_page(run: Run, figures: dict[str, str], skipped: dict[str, str]) -> s
              f"<p class='sub'>{html.escape(str(run.run_dir))} · {len(run.records)} finished samples · written "
              f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}</p>"]
     parts += [f"<p class='note'>{html.escape(n)}</p>" for n in run.notes]
-    parts += [_headline(run), "<h2>Summary</h2>", _summary_table(run), _iou_table(run)]
+    parts += [_headline(run), "<h2>Summary</h2>", _summary_table(run), _iou_table(run), _exit_table(run)]
     parts += ["<h2>Configuration</h2>", _config_table(cfg)]
     if run.summary is not None:
         parts.append("<details><summary>summary.json</summary><pre>"

@@ -27,6 +27,9 @@ def _recipe(family: str):
     if family == "sact":
         from .sact import train_sact
         return train_sact
+    if family == "early_exit":
+        from .early_exit import train_early_exit
+        return train_early_exit
     raise DynattackError(f"no training recipe for family {family!r}")
 
 
