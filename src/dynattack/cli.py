@@ -355,6 +355,20 @@ def demo_cmd(
     _print_table(rows)
 
 
+@app.command("diagnose")
+def diagnose_cmd(
+    run_dir: Path = typer.Argument(..., help="a finished energy-attack run directory"),
+    n: int = typer.Option(50, "--n", help="diagnose the run's first N samples"),
+    probe_steps: int = typer.Option(50, "--probe-steps", help="iterations of each no-distortion probe (0: none)"),
+    data: Optional[Path] = DataOpt,
+    device: str = DeviceOpt,
+) -> None:
+    """Why an energy run stayed short of all-on: per-gate table into RUN_DIR/diagnostics.json and .md."""
+    from .diagnose_run import diagnose_run
+
+    _print_summary(diagnose_run(run_dir, n=n, probe_steps=probe_steps, data=data, device=resolve_device(device)))
+
+
 def _print_summary(summary: dict) -> None:
     rows = [("figure", "value")]
     for key, value in summary.items():

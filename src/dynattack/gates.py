@@ -298,3 +298,26 @@ def gate_mode(model: nn.Module, mode: str = "hard", lam: float | None = None, fo
 def force_gates(model: nn.Module, force: str = "on"):
     """Every gate of ``model`` on (or off) in hard mode: the static network, for full FLOPs and latency."""
     return gate_mode(model, "hard", force=force)
+
+
+@contextlib.contextmanager
+def force_named(model: nn.Module, on=(), off=()):
+    """Hard mode for every gate of ``model``; the gates named in ``on`` forced on, those in ``off``
+    forced off, every other gate deciding naturally (``q >= 0``), for the duration of the block.
+    Names are the gates' names (:func:`iter_gates`); an unknown name is an error."""
+    on, off = set(on), set(off)
+    gates = dict((g.name, g) for _, g in iter_gates(model))
+    unknown = sorted((on | off) - set(gates))
+    if unknown:
+        raise ValueError(f"no gate named {', '.join(unknown)}; the model's gates: {', '.join(gates)}")
+    if on & off:
+        raise ValueError(f"gates forced both on and off: {', '.join(sorted(on & off))}")
+    saved = [(g, g.mode, g.force) for g in gates.values()]
+    for name, g in gates.items():
+        g.mode = "hard"
+        g.force = "on" if name in on else "off" if name in off else None
+    try:
+        yield model
+    finally:
+        for g, m, f in saved:
+            g.mode, g.force = m, f
