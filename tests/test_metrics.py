@@ -16,11 +16,13 @@ from dynattack.metrics import (
     decisions,
     execution_rates,
     execution_rates_by_class,
+    input_dependence,
     l2,
     linf,
     miou,
     psnr,
     psnr_mean,
+    unit_decisions,
 )
 
 
@@ -124,6 +126,43 @@ def test_execution_rates():
     second = run_gates({"g1": torch.tensor([-1.0, -1.0, -1.0, -1.0]), "g2": torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])})
     pooled = execution_rates([trace, second])
     assert pooled["g1"] == pytest.approx(3 / 8) and pooled["g2"] == pytest.approx(7 / 12)
+
+
+def test_input_dependence_hand_solved():
+    # 4 samples, classes 0 0 1 1; gate "a": one unit, on for samples 0 and 2; gate "b": two
+    # units, unit 0 always on, unit 1 on only for sample 3
+    batch = {"a": torch.tensor([[1], [0], [1], [0]], dtype=torch.bool),
+             "b": torch.tensor([[1, 0], [1, 0], [1, 0], [1, 1]], dtype=torch.bool)}
+    dep = input_dependence(batch, torch.tensor([0, 0, 1, 1]), 2)
+    assert dep["varying_decisions_pct"] == pytest.approx(100 * 2 / 3)  # units a and b.1 vary, b.0 does not
+    assert dep["minority_decisions_pct"] == pytest.approx(100 * (0.5 + 0 + 0.25) / 3)
+    # per-class rates: a 0.5 / 0.5 (spread 0); b (share of its 2 units) 0.5 / 0.75 (spread 0.25)
+    assert dep["class_spread_pct_mean"] == pytest.approx(100 * 0.125)
+    assert dep["class_spread_pct_max"] == pytest.approx(25.0)
+    # the same split into batches, the second without gate "a" (no row reached it: all off)
+    first = {k: v[:2] for k, v in batch.items()}
+    second = {"b": batch["b"][2:]}
+    split = input_dependence([first, second], [torch.tensor([0, 0]), torch.tensor([1, 1])], 2)
+    assert split["varying_decisions_pct"] == pytest.approx(100 * 2 / 3)  # a: on, off, off, off
+    assert split["minority_decisions_pct"] == pytest.approx(100 * (0.25 + 0 + 0.25) / 3)
+    with pytest.raises(ValueError, match="labels"):
+        input_dependence(batch, torch.tensor([0, 1]), 2)
+
+
+def test_unit_decisions_of_a_trace_match_its_gates():
+    logits = {"block": torch.tensor([1.0, -1.0, 2.0]), "mask": torch.tensor([[[1.0, -1.0]], [[-1.0, -1.0]], [[1.0, 1.0]]])}
+    units = unit_decisions(run_gates(logits))
+    assert list(units) == ["block", "mask"]
+    assert units["block"].tolist() == [[True], [False], [True]]
+    assert units["mask"].tolist() == [[True, False], [False, False], [True, True]]
+    gen = torch.Generator().manual_seed(2)
+    rates = torch.rand(30, 5, generator=gen) > 0.5
+    labels = torch.randint(0, 3, (30,), generator=gen)
+    dep = input_dependence({"g": rates}, labels, 3)
+    p = rates.double().mean(0)
+    assert dep["varying_decisions_pct"] == pytest.approx(100 * float(((p > 0) & (p < 1)).double().mean()))
+    per_class = [float(rates[labels == c].double().mean()) for c in range(3)]
+    assert dep["class_spread_pct_max"] == pytest.approx(100 * (max(per_class) - min(per_class)))
 
 
 def by_class_loop(rates: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -38,16 +38,19 @@ def models_cmd() -> None:
     """List the victim zoo with measured accuracy (mIoU for point victims) and compute kept (from the model cards)."""
     from .models import list_models
 
-    rows = [("name", "family", "dataset", "params", "accuracy (point victims: mIoU)", "compute kept", "shipped")]
+    rows = [("name", "family", "dataset", "params", "accuracy (point victims: mIoU)", "compute kept",
+             "decisions varying", "shipped")]
     for m in list_models():
         card = m["card"] or {}
         score = card.get("miou", card.get("accuracy"))
         acc = f"{100 * score:.2f} %" if score is not None else "-"
         kept = f"{card['compute_kept_pct']:.1f} %" if "compute_kept_pct" in card else "-"
         params = f"{card['params'] / 1e6:.2f} M" if "params" in card else "-"
+        dep = card.get("input_dependence")  # share of (sample, unit) decisions not constant over the test set
+        varying = f"{dep['varying_decisions_pct']:.1f} %" if dep else "-"
         shipped = ("yes" if m["shipped"] else "no — bring the official .pth" if m["official"]
                    else "no (dynattack train)")
-        rows.append((m["name"], m["family"], m["dataset"], params, acc, kept, shipped))
+        rows.append((m["name"], m["family"], m["dataset"], params, acc, kept, varying, shipped))
     _print_table(rows)
 
 

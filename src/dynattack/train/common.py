@@ -18,6 +18,7 @@ from .. import cost
 from ..data import load_fashion_mnist
 from ..errors import DynattackError
 from ..gates import Trace
+from ..metrics import input_dependence, unit_decisions
 from ..prediction import prediction
 from ..models import read_state_dict, weights_path
 
@@ -62,7 +63,7 @@ def _crop(padded: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, h: int, w: i
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> dict:
     """Accuracy and, for gated victims, mean executed FLOPs and compute kept vs all-gates-on."""
     model.eval()
-    correct, flops = 0, []
+    correct, flops, decisions = 0, [], []
     prof = cost.profile(model, tuple(x.shape[1:]))
     device = next(model.parameters()).device
     for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
@@ -70,13 +71,18 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
             logits = prediction(model, model(xb.to(device)))
         correct += int((logits.argmax(1).cpu() == yb).sum())
         flops.append(cost.executed_flops(model, trace).cpu() if len(trace) else torch.full((len(xb),), prof.full, dtype=torch.float64))
+        if len(trace):
+            decisions.append({k: v.cpu() for k, v in unit_decisions(trace).items()})
     mean_flops = float(torch.cat(flops).mean())
-    return {
+    out = {
         "accuracy": correct / len(y),
         "flops_mean": mean_flops,
         "flops_full": prof.full,
         "compute_kept_pct": 100.0 * mean_flops / prof.full,
     }
+    if decisions:  # gated victims: how much their decisions depend on the input
+        out["input_dependence"] = input_dependence(decisions, y, logits.shape[1])
+    return out
 
 
 def victim_card(spec, model: nn.Module, *, seed: int, epochs, seconds: float, val: dict, test: dict, **extra) -> dict:
@@ -94,6 +100,7 @@ def victim_card(spec, model: nn.Module, *, seed: int, epochs, seconds: float, va
         "compute_kept_pct": test["compute_kept_pct"],
         "compute_saved_pct": 100.0 - test["compute_kept_pct"],
         "val_compute_kept_pct": val["compute_kept_pct"],
+        **({"input_dependence": test["input_dependence"]} if "input_dependence" in test else {}),
         "train_command": f"dynattack train {spec.name} --seed {seed}",
         "train_args": dict(spec.train_args),
         "seed": seed,

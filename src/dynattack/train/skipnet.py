@@ -18,6 +18,10 @@
   ``beta`` is a Lagrange multiplier (dual ascent, step ``beta_lr``) on the compute the *hard*
   network (q >= 0, as evaluated) keeps: raised while above the budget, lowered below it, so the
   run lands on the budget instead of drifting to "run all" or collapsing to "skip all".
+  ``rate_band`` ``[lo, hi]`` adds ConvNet-AIG's per-gate target rate as a band (weight
+  ``rate_weight``): each gate must run for between ``lo`` and ``hi`` of each batch, so no gate
+  settles into "always" or "never" and the decisions depend on the input (without it, HRL left
+  16 of 17 gates of skipnet38-rnn-hrl constant over the test set).
 """
 from __future__ import annotations
 
@@ -134,6 +138,17 @@ def _train_sp(model, spec, args, x, y, gen, epochs, share, device) -> dict:
     return {"warmup_steps": warmup}
 
 
+def _rate_band_loss(logit: torch.Tensor, lo: float, hi: float, margin: float = 0.1) -> torch.Tensor:
+    """Keep every gate's execution rate over the batch inside ``[lo, hi]`` (ConvNet-AIG's
+    per-gate target rate, as a band): a hinge on the batch quantiles of each gate's logits, so at
+    least ``lo`` of the samples run it (q >= ``margin``) and at least ``1 - hi`` skip it. Logits,
+    not probabilities: a gate whose sigmoid saturated (always off, as HRL tends to leave most
+    gates) still gets a gradient. ``logit``: ``(B, gates)``; sum over gates."""
+    runs = torch.quantile(logit, 1.0 - lo, dim=0)  # >= margin: at least lo of the batch on
+    skips = torch.quantile(logit, 1.0 - hi, dim=0)  # <= -margin: at least 1 - hi of it off
+    return (torch.relu(margin - runs) + torch.relu(skips + margin)).sum()
+
+
 class BernoulliDecision:
     """HRL's train estimator: sample on ~ Bernoulli(sigmoid(sharpness * q)); no gradient through
     the sample. ``sharpness`` > 1 keeps the sampled network close to the hard one it is evaluated
@@ -152,6 +167,7 @@ def _train_hrl(model, spec, args, x, y, gen, epochs, share, device, val) -> dict
     beta, target = float(args["beta"]), args.get("target_kept")
     beta_lr, rl_weight, momentum = args.get("beta_lr", 0.05), args["rl_weight"], args.get("baseline_momentum", 0.9)
     sharpness = float(args.get("sharpness", 1.0))
+    band, rate_weight = args.get("rate_band"), float(args.get("rate_weight", 1.0))
     gates = [gate for _, gate in iter_gates(model)]
     saved_estimators = [gate.train_estimator for gate in gates]
     for gate in gates:
@@ -180,6 +196,8 @@ def _train_hrl(model, spec, args, x, y, gen, epochs, share, device, val) -> dict
                     spread = sd if spread is None else momentum * spread + (1 - momentum) * sd
                     policy_loss = -(advantage / spread * log_prob).sum(1).mean()
                     loss = ce.mean() + rl_weight * policy_loss
+                    if band is not None:
+                        loss = loss + rate_weight * _rate_band_loss(_stack(trace, "logit"), *band)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
