@@ -1,18 +1,18 @@
 """Why GradAuto leaves some victims short of all-on: the diagnostics of ``dynattack.diagnostics``.
 
     .venv/bin/python bench/energy_diagnostics.py [--n 50] [--steps 300] [--probe-steps 50]
-                                                 [--each-images 10] [--victims a,b]
+                                                 [--each-images 50] [--victims a,b]
 
 For every shipped 2D gated victim, on the first ``--n`` Fashion-MNIST test images: GradAuto
 (defaults, ``--steps`` iterations, but no minimum-norm search after all-on: it lowers the
 distortion of inputs already all-on and changes no FLOPs, so recovery is the same and the run
 shorter), then :func:`dynattack.diagnostics.diagnose` on its inputs: the per-gate why-not table,
 the exhaustive forcing of the scalar gates still off (SkipNet), recovery against the full
-network and against the reachable maximum (every unit some tried input switches on, naturally or
-with every other gate forced on). Structural checks that need the family's weights are done
-here, not in the library: ManiDP channels whose saliency can never reach the threshold (bias
-below it and no positive weight from a hidden unit that can be positive: the mask blocks read
-ReLU outputs, so their inputs are >= 0).
+network and against the reachable maximum (every unit some tried input switches on in the natural
+run; "on alone", with every other gate forced on, says why, not whether). Structural checks that
+need the family's weights are done here, not in the library: ManiDP channels whose saliency can
+never reach the threshold (bias below it and no positive weight from a hidden unit that can be
+positive: the mask blocks read ReLU outputs, so their inputs are >= 0).
 
 Writes bench/results/energy_diagnostics.md and .json (one thread; each victim's result is
 written as soon as it is done).
@@ -97,7 +97,7 @@ def run_victim(name, x, args):
         "unreachable_cost_pct": f["unreachable_cost_pct"],
         "all_on_end": d.together["natural_all_on_end"], "together_any": d.together["together_any"],
         "min_alone_logit_median": d.together["min_alone_logit_median"],
-        "exhaustive": None if d.exhaustive is None else d.exhaustive["summary"],
+        "exhaustive": None if d.exhaustive is None else {k: v["summary"] for k, v in d.exhaustive.items()},
         "seconds_attack": t_attack, "seconds_diagnostics": t_diag,
     }
 
@@ -120,7 +120,7 @@ def main():
     ap.add_argument("--n", type=int, default=50)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--probe-steps", type=int, default=50)
-    ap.add_argument("--each-images", type=int, default=10)
+    ap.add_argument("--each-images", type=int, default=50)
     ap.add_argument("--victims", default=",".join(VICTIMS))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="energy_diagnostics")

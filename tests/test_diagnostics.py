@@ -146,14 +146,14 @@ def test_without_probes_the_table_says_blocked_vs_never(toy):
     d = diagnose(toy, x, None, probe_steps=0)
     rows = {r["gate"]: r for r in d.gates}
     assert rows["gate_b"]["off_end_alone_pct"] == 100.0  # on if the others were forced on
-    assert rows["gate_b"]["units_never_on"] == 0
+    assert rows["gate_b"]["units_ever_on_alone"] == 1
+    assert rows["gate_b"]["units_never_on"] == 1  # but no tried input runs it: not evidence it can run
     for g in ("gate_a", "gate_dead"):  # off whatever the others do, at every tried input
         assert rows[g]["off_end_never_pct"] == 100.0 and rows[g]["units_never_on"] == 1
     # channel 0 on, 1 and 2 never on (no tried input reaches mean >= 0.6)
     assert rows["gate_ch"]["on_clean_pct"] == pytest.approx(100 / 3)
     assert rows["gate_ch"]["units_never_on"] == 2
-    reach = STATIC + COST["gate_b"] + COST["gate_ch"] / 3
-    assert d.flops["reachable_mean"] == pytest.approx(reach)
+    assert d.flops["reachable_mean"] == pytest.approx(STATIC + COST["gate_ch"] / 3)
     assert d.flops["full"] == FULL
     assert d.together["together_any"] == 0 and d.together["natural_all_on_end"] == 0
 
@@ -179,8 +179,12 @@ def test_probes_reach_every_unit_but_the_structural_ones(toy):
     assert d.flops["recovery_full"] == pytest.approx(float((f_adv - f_clean).sum() / saved_full * 100))
     assert d.flops["recovery_reachable"] == pytest.approx(100.0)
     # exhaustive forcing at the attack's input: only the dead gate is off, and no subset helps it
-    s = d.exhaustive["summary"]
+    s = d.exhaustive["attack"]["summary"]
     assert s["gates"]["gate_dead"]["never"] == 4 and s["natural_all_on_possible"] == 0
+    assert d.exhaustive["attack"]["subsets_run"] == 2
+    # at the clean input: A, B and dead off; B switched on by forcing A
+    c = d.exhaustive["clean"]["summary"]
+    assert c["gates"]["gate_b"]["by_forcing"] == 4 and c["all_on_by_forcing"] == 4
     md = d.markdown("toy")
     assert "| gate_dead | 1 |" in md and "reachable maximum" in md
 
@@ -189,9 +193,9 @@ def test_proven_unreachable_units_are_excluded(toy):
     x = clean_images()
     adv = x.clone()
     adv.view(len(x), -1)[:, 0] = 0.1
-    d = diagnose(toy, x, adv, probe_steps=0, exhaustive=False,
+    d = diagnose(toy, x, adv, probe_steps=0, exhaustive=(),
                  unreachable={"gate_ch": torch.tensor([False, True, True])})
-    # reachable here: B (alone), A (on at the attack's input), channel 0; not dead, not channels 1-2
+    # reachable here: A and B (on at the attack's input), channel 0; not dead, not channels 1-2
     assert d.flops["reachable_mean"] == pytest.approx(STATIC + COST["gate_a"] + COST["gate_b"] + COST["gate_ch"] / 3)
     assert d.flops["recovery_reachable"] == pytest.approx(100.0)
 

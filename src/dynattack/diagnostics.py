@@ -25,9 +25,10 @@ gate's units are one row, counted unit by unit):
   that some S switches off (conflicts). This separates "blocked by an earlier decision" from
   "off at this input whatever the others do".
 
-**Reachable maximum.** A unit is *unreachable* when no tried input turns it on, neither in the
-natural run nor alone (others forced on); the reachable all-on cost is the FLOPs with every
-other unit on (:func:`dynattack.cost.executed_flops` of the forced-on trace with the
+**Reachable maximum.** A unit is *unreachable* when no tried input turns it on in the natural
+run (the only evidence that it can run at all: "on alone" is not, a derived gate such as a
+dilated mask passes it trivially once the mask it reads is forced on); the reachable all-on cost
+is the FLOPs with every other unit on (:func:`dynattack.cost.executed_flops` of the forced-on trace with the
 unreachable units' decisions off, nesting applied), and recovery is also reported against it:
 ``(sum F_adv - sum F_clean) / (sum F_reach - sum F_clean)``. This is evidence from the tried
 inputs, not a proof: a unit the probes never switch on may still have an input that does. A
@@ -274,7 +275,7 @@ class Diagnosis:
     inputs: list[str]
     flops: dict
     together: dict
-    exhaustive: dict | None = None
+    exhaustive: dict | None = None  # tried input name -> exhaustive_forcing result (with its "summary")
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -293,8 +294,8 @@ class Diagnosis:
         ]
         if f.get("recovery_full") is not None:
             lines += [f"Recovery vs full {f['recovery_full']:.1f} %, vs reachable maximum "
-                      f"{f['recovery_reachable']:.1f} %; units unreachable (never on under any tried input, "
-                      f"nor alone): {f['unreachable_units']} of {f['units']} "
+                      f"{f['recovery_reachable']:.1f} %; units unreachable (never on in the natural run of any "
+                      f"tried input): {f['unreachable_units']} of {f['units']} "
                       f"({f['unreachable_cost_pct']:.1f} % of the gated FLOPs).", ""]
         t = self.together
         lines += [f"Images all-on at the attack's end: {t['natural_all_on_end']}; on together (fixed point: every "
@@ -314,9 +315,10 @@ class Diagnosis:
                          f"| {r['off_end_never_pct']:.1f} % | {r['units_never_on']} | "
                          f"{'-' if r['pushed_alone_pct'] is None else format(r['pushed_alone_pct'], '.0f') + ' %'} |")
         lines += ["", "Off-at-end columns: % of all (image, unit) pairs of the gate; they add up to 100 - on at end."]
-        if self.exhaustive is not None:
-            s = self.exhaustive["summary"]
-            lines += ["", f"Exhaustive forcing at the attack's input ({self.exhaustive['subsets_run']} forced forwards, "
+        for at, ex in (self.exhaustive or {}).items():
+            s = ex["summary"]
+            where = {"attack": "the attack's input", "clean": "the clean input"}.get(at, f"the {at} input")
+            lines += ["", f"Exhaustive forcing at {where} ({ex['subsets_run']} forced forwards, "
                       f"{s['images']} images, {s['skipped']} skipped): images switched all-on by forcing some of "
                       f"their off gates: {s['all_on_by_forcing']}; images where some forced subset is a fixed point "
                       f"(natural all-on possible at this input): {s['natural_all_on_possible']}.", "",
@@ -327,7 +329,7 @@ class Diagnosis:
                     lines.append(f"| {g} | {r['images_off']} | {r['by_forcing']} | {r['never']} | "
                                  f"{'-' if r['min_subset_median'] is None else r['min_subset_median']} | "
                                  f"{r['switched_off_images']} |")
-        for note in self.notes + (self.exhaustive or {}).get("notes", []):
+        for note in self.notes + [f"{at}: {x}" for at, ex in (self.exhaustive or {}).items() for x in ex["notes"]]:
             lines += ["", f"Note: {note}"]
         return "\n".join(lines) + "\n"
 
@@ -347,13 +349,14 @@ def _mask_trace(trace: Trace, keep: dict[str, torch.Tensor]) -> Trace:
 
 def diagnose(model: nn.Module, clean: torch.Tensor, adv: torch.Tensor | None = None, *,
              probe_steps: int = 100, probe_lr: float = 0.05, extra: dict[str, torch.Tensor] | None = None,
-             unreachable: dict[str, torch.Tensor] | None = None, exhaustive: bool = True,
+             unreachable: dict[str, torch.Tensor] | None = None, exhaustive: tuple = ("attack", "clean"),
              max_k: int = 10, each_steps: int | None = None, each_images: int | None = None) -> Diagnosis:
     """Per-gate why-not table of ``model`` on ``clean`` and the attack's ``adv`` (same shape;
     None: the clean images stand for the attack's end). ``probe_steps``: iterations of each
     probe (0: no probe); ``extra``: more tried inputs by name; ``unreachable``: units proven
-    never on (see the module docstring); ``exhaustive``: run :func:`exhaustive_forcing` at the
-    attack's input when the model has scalar gates. ``each_steps`` (default ``probe_steps``;
+    never on (see the module docstring); ``exhaustive``: the tried inputs (names: ``attack``,
+    ``clean``, a probe's) at which to run :func:`exhaustive_forcing` when the model has scalar
+    gates (``()``: none); ``Diagnosis.exhaustive`` maps each to its result. ``each_steps`` (default ``probe_steps``;
     0: none): a third probe, each scalar gate off at the end on some image pushed alone (at
     most ``max_k`` of them, on the first ``each_images`` images, default all): the "on under
     some input" test gate by gate, whose union over gates says nothing of "together"."""
@@ -422,7 +425,7 @@ def diagnose(model: nn.Module, clean: torch.Tensor, adv: torch.Tensor | None = N
         for name in inputs:
             nat_at[name].setdefault(k, torch.zeros_like(ever_alone[k]))
     ever = {k: ever_nat[k] | ever_alone[k] for k in names}  # (n, *u): this image, some tried input
-    reach = {k: ever[k].any(0) for k in names}  # (*u): some image
+    reach = {k: ever_nat[k].any(0) for k in names}  # (*u): on in the natural run of some tried input
     if unreachable:
         for k, m in unreachable.items():
             if k not in reach:
@@ -499,13 +502,17 @@ def diagnose(model: nn.Module, clean: torch.Tensor, adv: torch.Tensor | None = N
         "each_push_all_on": None if each_all_on is None else int(each_all_on.sum()),
         "each_push_images": None if each_all_on is None else m,
     }
-    ex = None
-    if exhaustive:
-        ex = exhaustive_forcing(model, end, max_k=max_k)
-        if ex["gates"]:
-            ex["summary"] = summarize_forcing(ex)
-        else:
-            ex = None
+    ex = {}
+    for name in exhaustive or ():
+        if name not in inputs:
+            raise DynattackError(f"diagnose: exhaustive forcing at {name!r}: no such tried input ({', '.join(inputs)})")
+        if adv is None and name == "attack" and "clean" in exhaustive:
+            continue  # the same images
+        r = exhaustive_forcing(model, inputs[name], max_k=max_k)
+        if r["gates"]:
+            r["summary"] = summarize_forcing(r)
+            ex[name] = r
+    ex = ex or None
     if probe_steps > 0:
         notes.append(f"probes: {probe_steps} Adam steps (lr {probe_lr}) from the attack's inputs, no distortion limit; "
                      f"every iteration's decisions count as tried")
