@@ -6,11 +6,14 @@ gate's units are one row, counted unit by unit):
 
 * **on-rate** clean and at the attack's end (fraction of (image, unit) pairs that run);
 * **ever on**: does any *tried input* turn the unit on in the natural (hard) run? The tried
-  inputs are the clean images, the attack's images and two probes with no distortion limit
-  (Adam on the input, clipped to [0, 1], every iteration counted): ``push`` raises every gate
-  logit of the natural network (the "ceiling" of ``bench/energy_tables.py``), ``fixed_point``
-  raises every logit of the network with every gate forced on (the hinge GradAuto's
-  ``objective=fixed_point`` descends);
+  inputs are the clean images, the attack's images and probes with no distortion limit, each
+  started from the attack's images (Adam on the input, clipped to [0, 1], every iteration
+  counted): ``push`` raises every gate logit of the natural network (the "ceiling" of
+  ``bench/energy_tables.py``), ``fixed_point`` raises every logit of the network with every
+  gate forced on (the hinge GradAuto's ``objective=fixed_point`` descends), ``unreached`` then
+  raises, in the natural network, only the logits of the units no natural run has switched on
+  yet (so that they need not compete with the others), and the each-gate probe pushes each
+  scalar gate still off alone (natural network);
 * **on alone**: with every *other* gate forced on (the forced-on network, :func:`force_gates`),
   is the unit's logit ``>= 0`` (``q > 0`` for strict gates): could it be on if the others
   were? A unit off at the attack's end but on alone there is *blocked by the others' decisions*;
@@ -307,14 +310,17 @@ class Diagnosis:
                       f"{t['each_push_all_on']} of {t['each_push_images']}."), ""]
         lines += ["| gate | units | cost % | on clean | on at end | off at end: on alone (blocked by others) "
                   "| off at end: on at another tried input | off at end: never on at this image | units never on "
-                  "| switched on by pushing it alone |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| switched on by pushing it alone | highest logit: natural / others forced on |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in self.gates:
             lines.append(f"| {r['gate']} | {r['units']} | {r['cost_pct']:.1f} | {r['on_clean_pct']:.1f} % | "
                          f"{r['on_end_pct']:.1f} % | {r['off_end_alone_pct']:.1f} % | {r['off_end_elsewhere_pct']:.1f} % "
                          f"| {r['off_end_never_pct']:.1f} % | {r['units_never_on']} | "
-                         f"{'-' if r['pushed_alone_pct'] is None else format(r['pushed_alone_pct'], '.0f') + ' %'} |")
-        lines += ["", "Off-at-end columns: % of all (image, unit) pairs of the gate; they add up to 100 - on at end."]
+                         f"{'-' if r['pushed_alone_pct'] is None else format(r['pushed_alone_pct'], '.0f') + ' %'} | "
+                         f"{r['logit_max']:.3g} / {r['alone_logit_max']:.3g} |")
+        lines += ["", "Off-at-end columns: % of all (image, unit) pairs of the gate; they add up to 100 - on at end. "
+                  "Units never on: never on in the natural run of any tried input (excluded from the reachable "
+                  "maximum). Highest logit: over every unit, image and tried input (on needs >= 0)."]
         for at, ex in (self.exhaustive or {}).items():
             s = ex["summary"]
             where = {"attack": "the attack's input", "clean": "the clean input"}.get(at, f"the {at} input")
@@ -399,27 +405,33 @@ def diagnose(model: nn.Module, clean: torch.Tensor, adv: torch.Tensor | None = N
         elif len(off) > max_k:
             notes.append(f"each-gate probe skipped: {len(off)} scalar gates off at the end (> {max_k})")
     nat_at, alone_at, logit_alone_end = {}, {}, None
-    for name, x in inputs.items():
+    logit_max: dict[str, float] = {}  # highest logit of the gate, any unit, image and tried input
+    alone_max: dict[str, float] = {}  # the same in the forced-on network
+
+    def evaluate(name, x):
+        nonlocal logit_alone_end
         _, ev = run_hard(model, x)
         nat_at[name] = {k: d for k, (_, d) in ev.items()}
         _, evf = run_hard(model, x, all_on=True)
         alone_at[name] = {k: gates[k].decide(q) for k, (q, _) in evf.items()}
+        for src, best in ((ev, logit_max), (evf, alone_max)):
+            for k, (q, _) in src.items():
+                best[k] = max(best.get(k, float("-inf")), float(q.max()))
         if name == "attack":
             logit_alone_end = {k: q for k, (q, _) in evf.items()}
         union(ever_nat, nat_at[name])
         union(ever_alone, alone_at[name])
+
+    for name, x in inputs.items():
+        evaluate(name, x)
     names = list(alone_at["clean"])  # call order of the forced-on network: every gate runs there
-    if probe_steps > 0:  # the units no tried input reached yet, pushed on their own (others forced on)
-        todo = {k: ~(ever_nat.get(k, torch.zeros_like(ever_alone[k])) | ever_alone[k]).any(0) for k in names}
+    if probe_steps > 0:  # the units no natural run has switched on yet, pushed on their own
+        todo = {k: ~ever_nat.get(k, torch.zeros_like(ever_alone[k])).any(0) for k in names}
         if any(bool(t.any()) for t in todo.values()):
-            z, nat, alone = _probe(model, end, "fixed_point", probe_steps, probe_lr, only=todo)
-            union(ever_alone, alone)
+            z, nat, _ = _probe(model, end, "push", probe_steps, probe_lr, only=todo)
+            union(ever_nat, nat)
             inputs["unreached"] = z
-            _, ev = run_hard(model, z)
-            nat_at["unreached"] = {k: d for k, (_, d) in ev.items()}
-            _, evf = run_hard(model, z, all_on=True)
-            alone_at["unreached"] = {k: gates[k].decide(q) for k, (q, _) in evf.items()}
-            union(ever_nat, nat_at["unreached"])
+            evaluate("unreached", z)
     for k in names:  # a gate the natural run never called (nested early exit) never ran naturally
         ever_nat.setdefault(k, torch.zeros_like(ever_alone[k]))
         for name in inputs:
@@ -480,6 +492,7 @@ def diagnose(model: nn.Module, clean: torch.Tensor, adv: torch.Tensor | None = N
             "units_ever_on_natural": int(ever_nat[k].any(0).sum()),
             "units_ever_on_alone": int(ever_alone[k].any(0).sum()),
             "units_never_on": int((~reach[k]).sum()),
+            "logit_max": logit_max.get(k), "alone_logit_max": alone_max.get(k),
             "never_on_units": (~reach[k]).nonzero().tolist() if 0 < int((~reach[k]).sum()) <= 64 else None,
             "pushed_alone_pct": (100.0 * float(pushed[k].double().mean()) if k in pushed else None),
             "on_rates": {name: 100.0 * int(nat_at[name][k].sum()) / total for name in inputs},
