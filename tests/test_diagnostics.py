@@ -212,3 +212,34 @@ def test_cli_diagnose_bad_run_dir_is_one_line_exit_2(tmp_path, capsys, make):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("dynattack: error:") and "\n" not in err
+
+
+def _package_imports(path):
+    import ast
+
+    tree = ast.parse(path.read_text())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            out.add((node.module or "").split(".")[0] or next(a.name for a in node.names))
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dynattack"):
+            out.add(node.module.split(".")[1] if "." in node.module else node.names[0].name)
+    return out
+
+
+def test_diagnostics_imports_no_model_family_and_gates_nothing():
+    from pathlib import Path
+
+    import dynattack
+
+    src = Path(dynattack.__file__).parent
+    assert _package_imports(src / "diagnostics.py") <= {"gates", "cost", "metrics", "attacks", "errors"}
+    assert _package_imports(src / "gates.py") == set()
+
+
+def test_cli_diagnose_help():
+    from dynattack import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["diagnose", "--help"])
+    assert exc.value.code == 0
