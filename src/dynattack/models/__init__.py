@@ -318,6 +318,10 @@ _FMNIST = {"in_channels": 1, "num_classes": 10, "input_size": 28, "mean": (0.286
 # wall time than FLOPs); an HRL step really skips (~0.55 s). Hence 6 epochs RNN-SP (~33 min),
 # 4 epochs FF-SP (~30 min), 5 epochs HRL (~20 min), each plus 1-2 min of evaluation. Budgets:
 # RNN-SP keeps 80 % of the gated compute (~19 % of all FLOPs saved), HRL 64 % (~34 % saved).
+# HRL's per-gate rate band (each gate on for 10-90 % of a batch) makes its decisions depend on the
+# input: without it 16 of the 17 gates ended constant over the test set. Retrained with it
+# (2026-12-03, 47 min while other jobs shared the CPU): 91.71 %, 57.9 % kept, beta fell to 0, the
+# band alone holding the budget below 64 %.
 _SP = {"training": "sp", "lr": 0.1, "batch_size": 128, "alpha": 1.0, "target_kept": 0.8, "warmup_epochs": 0.25,
        "anneal_epochs": 0.5, "gate_bias": 2.0}
 register(ModelSpec(
@@ -334,7 +338,7 @@ register(ModelSpec(
     description="SkipNet-38, shared-LSTM RNN gate, SP then HRL (REINFORCE on the gates, hybrid with cross-entropy)",
     train_args={"training": "hrl", "init_from": "skipnet38-rnn-sp", "epochs": 5, "lr": 0.02, "batch_size": 128,
                 "schedule": "cosine", "rl_weight": 0.1, "sharpness": 10.0, "beta": 1.0, "target_kept": 0.64,
-                "beta_lr": 0.05},
+                "beta_lr": 0.05, "rate_band": [0.1, 0.9], "rate_weight": 0.3},
 ))
 register(ModelSpec(
     name="skipnet38-ff-sp",
