@@ -58,7 +58,6 @@ build the model with those statistics (the default) to load one.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +65,7 @@ from torch import nn
 
 from .. import cost
 from ..gates import Gate, iter_gates
-from .resnet import build_gated_resnet, downsample
+from .resnet import he_init, build_gated_resnet, downsample
 
 # The official CIFAR release's input statistics (its data loaders normalise with these).
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
@@ -274,17 +273,9 @@ class DynConvResNet(nn.Module):
         build_gated_resnet(self, lambda cin, width, stride, i: DynConvBlock(cin, width, stride), depth=depth,
                            in_channels=in_channels, num_classes=num_classes, input_size=input_size, mean=mean,
                            std=std, widths=widths)
-        self._init_weights()
+        he_init(self)
         list(iter_gates(self))  # names the gates: "layer1.0.mask_gate", "layer1.0.dilate_gate", ...
 
-    def _init_weights(self) -> None:
-        """The official initialisation (He-normal convs over fan-out, unit BN)."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
     @property
     def blocks(self) -> list[DynConvBlock]:

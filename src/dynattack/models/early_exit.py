@@ -48,14 +48,13 @@ a float difference).
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..gates import Gate, iter_gates
-from .resnet import BasicBlock, build_gated_resnet, downsample, stage_layout
+from .resnet import he_init, BasicBlock, build_gated_resnet, downsample, stage_layout
 
 CONFIDENCE_SCALE = 50.0  # q = scale x (threshold - max softmax)
 SDN_FRACTIONS = (0.15, 0.30, 0.45, 0.60, 0.75, 0.90)  # SDN's IC placement, fractions of the backbone's cost
@@ -148,7 +147,7 @@ class SDNResNet(nn.Module):
                 sizes.append((widths[k], size))
         self.ics = nn.ModuleList([InternalClassifier(*sizes[j], num_classes) for j in ic_after])
         self.register_buffer("thresholds", torch.full((len(ic_after),), float(threshold)))
-        self._init_weights()
+        he_init(self)
         exits, previous = [], None
         for k, j in enumerate(ic_after):
             stop = ic_after[k + 1] if k + 1 < len(ic_after) else len(blocks) - 1
@@ -159,13 +158,6 @@ class SDNResNet(nn.Module):
         self.exits = nn.ModuleList(exits)
         list(iter_gates(self))  # names the gates "exits.0", "exits.1", ...
 
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
     @property
     def stages(self) -> list[nn.ModuleList]:

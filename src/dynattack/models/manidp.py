@@ -39,14 +39,13 @@ no official checkpoint layout to load.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..gates import Gate, iter_gates
-from .resnet import build_gated_resnet, downsample
+from .resnet import he_init, build_gated_resnet, downsample
 
 # The official CIFAR loaders' input statistics.
 CIFAR10_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
@@ -183,18 +182,9 @@ class ManiDPResNet(nn.Module):
         build_gated_resnet(self, lambda cin, width, stride, i: ManiDPBlock(cin, width, stride, reduction, clamp_max),
                            depth=depth, in_channels=in_channels, num_classes=num_classes, input_size=input_size,
                            mean=mean, std=std, widths=widths)
-        self._init_weights()
+        he_init(self)
         list(iter_gates(self))  # names the gates: "layer1.0.mb1.gate", "layer1.0.mb2.gate", ...
 
-    def _init_weights(self) -> None:
-        """The official initialisation (He-normal convs over fan-out, unit BN; mask blocks
-        initialise themselves)."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
     @property
     def blocks(self) -> list[ManiDPBlock]:

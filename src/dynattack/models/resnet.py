@@ -2,6 +2,8 @@
 static baseline. Its pieces (normalisation, BasicBlock) are shared by the gated families."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -72,6 +74,17 @@ def build_gated_resnet(model: nn.Module, make_block, *, depth: int, in_channels:
     model.fc = nn.Linear(cin, num_classes)
     return n
 
+
+
+def he_init(model: nn.Module) -> None:
+    """The official initialisation of every ResNet-based family: He-normal convs over fan-out,
+    unit BatchNorm (modules that initialise themselves afterwards, e.g. gate heads, keep theirs)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 class ResNet(nn.Module):
     """ResNet 6n+2 with widths 16/32/64 for any number of input channels and input size."""

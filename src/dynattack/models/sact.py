@@ -68,7 +68,6 @@ ResNet's weights map onto the backbone (:func:`dynattack.train.common.static_bac
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +82,7 @@ from .dynconv import (
     sparse_conv3x3,
     sparse_residual,
 )
-from .resnet import build_gated_resnet, downsample, stage_layout
+from .resnet import he_init, build_gated_resnet, downsample, stage_layout
 
 EPS = 0.01  # a position stops once its cumulative halting exceeds 1 - EPS (the paper's epsilon)
 LOGIT_SCALE = 4.0  # q = LOGIT_SCALE * (1 - EPS - c): dG/dc = -1 at the threshold (module docstring)
@@ -173,20 +172,9 @@ class SACTResNet(nn.Module):
                                                                          halting=i < n - 1),
                            depth=depth, in_channels=in_channels, num_classes=num_classes, input_size=input_size,
                            mean=mean, std=std, widths=widths, sequential=False)
-        self._init_weights()
+        he_init(self)
         list(iter_gates(self))  # names the gates: "layer1.1.run_gate", "layer1.1.dilate_gate", ...
 
-    def _init_weights(self) -> None:
-        """Backbone: He-normal convs over fan-out, unit BN (as the other CIFAR families). Halting
-        units: PyTorch's default init and the paper's bias -3, so halting starts near 0.05
-        everywhere (a He init over the 1-channel fan-out would give the logits a std of ~5)."""
-        halting = {id(m) for b in self.blocks if b.halting is not None for m in b.halting.modules()}
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d) and id(m) not in halting:
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
         with torch.no_grad():
             for b in self.blocks:
                 if b.halting is not None:

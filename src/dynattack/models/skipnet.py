@@ -28,7 +28,6 @@ official statistics: ``CIFAR10_MEAN``/``CIFAR10_STD`` or ``IMAGENET_MEAN``/``IMA
 """
 from __future__ import annotations
 
-import math
 import re
 
 import torch
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..gates import Gate, iter_gates
-from .resnet import BasicBlock, Normalize, downsample, stage_layout
+from .resnet import he_init, BasicBlock, Normalize, downsample, stage_layout
 
 GATE_KINDS = ("rnn", "ffgate1", "ffgate2")
 
@@ -219,18 +218,9 @@ class SkipNet(nn.Module):
         if gate == "rnn":
             self.control = RecurrentControl(embed_dim, hidden_dim, conv_proj=stem == "imagenet")
         self.fc = nn.Linear(cin, num_classes)
-        self._init_weights()
+        he_init(self)
         list(iter_gates(self))  # names the gates after their blocks: "gates.group1_layer1", ...
 
-    def _init_weights(self) -> None:
-        """The official initialisation (He-normal convs, unit BN)."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / n))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
     def open_gates(self, bias: float) -> None:
         """Start every gate at logit ~``bias`` (bias > 0: blocks run), so that training begins
