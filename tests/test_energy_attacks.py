@@ -75,6 +75,20 @@ def test_tanh_space_zero_delta_is_exactly_the_input():
     assert (res.psnr == math.inf).all()
 
 
+def test_contrast_compressed_start_is_the_compressed_image():
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(3, 1, 6, 6, generator=g)
+    x[:, :, 0] = 0.0
+    x[:, :, 1] = 1.0
+    for c in (1.0, 0.5, 0.1):
+        atk = GradAuto(ToyGated(), start_contrast=c, progress=False)
+        state = atk.init_state(x, None, None)
+        start = atk.candidate(state, torch.arange(3))
+        # atanh / tanh round trip in float32 near +-1: a few ulp of 1
+        torch.testing.assert_close(start, 0.5 + c * (x - 0.5), rtol=0, atol=1e-6)
+        assert c < 1 or torch.equal(start, x)
+
+
 def test_tanh_jacobian_matches_autograd():
     g = torch.Generator().manual_seed(1)
     x = torch.rand(2, 1, 5, 5, generator=g)
@@ -320,7 +334,8 @@ def test_attack_files_import_no_model_family():
 def test_parameter_validation():
     model = ToyGated()
     bad = [dict(K=0), dict(K=-1.0), dict(steps=-1), dict(steps=2.5), dict(lr="a"), dict(rd_start=-1),
-           dict(tanh_eps=1.0), dict(early_stop="yes"), dict(K=float("nan"))]
+           dict(tanh_eps=1.0), dict(early_stop="yes"), dict(K=float("nan")), dict(start_contrast=0),
+           dict(start_contrast=1.5)]
     for kw in bad:
         with pytest.raises(DynattackError):
             GradAuto(model, **kw)
