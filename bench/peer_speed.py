@@ -23,11 +23,13 @@ figures are medians over rounds, ratios the median of the per-round ratios):
 
 * dynattack ``PGD(...)(images, labels)``: the attack plus what it reports per sample (clean and
   adversarial predictions, executed FLOPs, distortion);
-* torchattacks ``PGD(...)(images, labels)`` alone, and with the one no-grad forward that gives the
-  adversarial predictions its accuracy is computed from ("same work": the figure both report);
+* torchattacks ``PGD(...)(images, labels)`` alone, and with the two no-grad forwards that give the
+  clean and adversarial predictions the accuracies are computed from ("same work": what both report);
 * one forward + backward (cross-entropy, gradient w.r.t. the images) and one no-grad forward;
 * dynattack FGSM (one step) and, from the PGD time without random start, the marginal I-FGSM
-  iteration ``(T_pgd - T_fgsm) / (steps - 1)``.
+  iteration ``(T_pgd - T_fgsm) / (steps - 1)``;
+* apart from the rounds, one PGD call under ``torch.profiler``: the share of its CPU time spent
+  outside the victim's forward and backward (:func:`own_share`).
 
 Times are process CPU seconds (one thread: the work done; waiting for the shared cores is not),
 wall seconds beside them. Each victim runs in a process of its own. Writes
@@ -118,8 +120,8 @@ def measure(model, x, y, args, random_start: bool) -> dict:
             last[k], c, w = timed(jobs[k])
             cpu[k].append(c)
             wall[k].append(w)
-            if k == "peer":  # its adversarial predictions, right after
-                _, c2, w2 = timed(lambda: predict(model, last[k]))
+            if k == "peer":  # the clean and adversarial predictions both report, right after
+                _, c2, w2 = timed(lambda: (predict(model, x), predict(model, last[k])))
                 cpu["peer_scored"].append(c + c2)
                 wall["peer_scored"].append(w + w2)
     if peer_atk is None:
@@ -136,6 +138,40 @@ def measure(model, x, y, args, random_start: bool) -> dict:
         out["same_pred"] = 100.0 * (pred_peer == res.adv_pred).float().mean().item()
         out["max_diff"] = (adv_peer - res.adv).abs().max().item()
     return out
+
+
+def own_share(model, x, y, args) -> tuple[float, float]:
+    """``(victim ms, dynattack ms)``: self CPU time of one PGD call (random start off) under
+    ``torch.profiler``, split into the victim's operators (inside its forward, or run by the
+    autograd engine for its backward) and every other operator (the loss, the projection,
+    predictions, FLOPs, distortion: what dynattack itself adds)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    atk = PGD(model, eps=args.eps, alpha=args.alpha, steps=args.steps, random_start=False, grad="fgm",
+              keep="final", progress=False)
+    forward = model.forward
+
+    def marked(*a, **k):
+        with record_function("victim_forward"):
+            return forward(*a, **k)
+
+    model.forward = marked
+    try:
+        atk(x, y)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            atk(x, y)
+    finally:
+        del model.forward  # back to the class's forward
+    victim = own = 0.0
+    for e in prof.events():
+        p = e
+        while p is not None and p.name != "victim_forward" and not p.name.startswith("autograd::engine"):
+            p = p.cpu_parent
+        if p is None:
+            own += e.self_cpu_time_total
+        else:
+            victim += e.self_cpu_time_total
+    return victim / 1e3, own / 1e3
 
 
 def _victim_arg(argv: list[str], i: int) -> bool:
@@ -167,7 +203,7 @@ def main() -> int:
     images, labels = images[:args.n], labels[:args.n]
     starts = {"off": [False], "on": [True], "both": [False, True]}[args.random_start]
 
-    peer_rows, iter_rows = [], []
+    peer_rows, iter_rows, own_rows = [], [], []
     if len(args.victims) > 1:
         # One process per victim: after another victim's runs in the same process, dynattack's
         # and a bare forward + backward's CPU time rose by ~9% on SkipNet, torchattacks' did not.
@@ -180,6 +216,7 @@ def main() -> int:
                 got = json.loads(rows.read_text())
             peer_rows += got["peer"]
             iter_rows += got["iter"]
+            own_rows += got["own"]
     for name in args.victims if len(args.victims) == 1 else []:
         model = create_model(name)
         side = model.input_shape[-1]
@@ -208,8 +245,11 @@ def main() -> int:
                     f"| {1e3 * med['fgsm']:.1f} ({med['fgsm'] / fb:.3f}x; {med['fgsm'] / (fb + fw):.3f}x of fwd+bwd + fwd) "
                     f"| {1e3 * med['ours']:.0f} ({med['ours'] / (args.steps * fb + fw):.3f}x of {args.steps} fwd+bwd + fwd) |")
                 print(iter_rows[-1])
+                vic_ms, own_ms = own_share(model, x, labels, args)
+                own_rows.append(f"| {name} | {vic_ms:.0f} | {own_ms:.1f} | {100 * own_ms / (vic_ms + own_ms):.2f} % |")
+                print(own_rows[-1])
     if args.rows_to:
-        Path(args.rows_to).write_text(json.dumps({"peer": peer_rows, "iter": iter_rows}))
+        Path(args.rows_to).write_text(json.dumps({"peer": peer_rows, "iter": iter_rows, "own": own_rows}))
         return 0
 
     eps255, alpha255 = args.eps * 255, args.alpha * 255
@@ -223,12 +263,14 @@ def main() -> int:
     ]
     if peer_rows:
         lines += [
-            "\"Same work\": torchattacks' attack plus the one no-grad forward that gives the adversarial predictions "
-            "its accuracy is computed from (dynattack returns them, with the clean predictions, executed FLOPs and "
-            "distortion of every sample). Random start off: both run the same iterates (the images may differ by "
-            "float32 rounding of the projection: dynattack's is exact, |x_adv - x| <= eps with no tolerance).",
+            "\"Same work\": torchattacks' attack plus the two no-grad forwards that give the clean and the "
+            "adversarial predictions both accuracies of the table are computed from (dynattack returns them, with "
+            "the executed FLOPs and distortion of every sample; without random start it takes the clean "
+            "predictions from its first iterate's forward, which is the clean forward). Random start off: both run "
+            "the same iterates (the images may differ by float32 rounding of the projection: dynattack's is exact, "
+            "|x_adv - x| <= eps with no tolerance).",
             "",
-            "| victim | random start | dynattack s | torchattacks s | torchattacks + predictions s "
+            "| victim | random start | dynattack s | torchattacks s | torchattacks + clean & adv predictions s "
             "| ratio (same work) | ratio (attack alone) | clean acc % | adv acc % dynattack | adv acc % torchattacks "
             "| same adv prediction % | max pixel diff (/255) |",
             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -245,6 +287,14 @@ def main() -> int:
         "| victim | fwd+bwd ms | fwd ms | I-FGSM iteration ms | FGSM call ms | PGD call ms |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
         *iter_rows,
+        "",
+        "Where the time goes: self CPU time of one PGD call (random start off) under torch.profiler, the victim's "
+        "operators (its forward, and its backward run by the autograd engine) against every other operator "
+        "(loss, sign step, projection, predictions, FLOPs, distortion: dynattack's own work).",
+        "",
+        "| victim | victim ms | dynattack's own ms | own share |",
+        "| --- | ---: | ---: | ---: |",
+        *own_rows,
         "",
         f"Command: `.venv/bin/python bench/peer_speed.py --victims {' '.join(args.victims)} --n {args.n} "
         f"--rounds {args.rounds} --threads {args.threads} --steps {args.steps} --eps {eps255:g}/255 "
