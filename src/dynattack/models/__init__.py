@@ -544,3 +544,69 @@ for _depth in (20, 32):
         dataset="cifar10",
         official=f"thomasverelst/dynconv classification/models/resnet_32x32.py resnet{_depth}(sparse=True)",
     ))
+
+
+# -- mixture of experts (MLP-Mixer, top-p routing) ---------------------------------------------
+
+from . import moe as _moe  # noqa: E402
+
+# MLP-Mixer (4x4 patches -> 49 tokens, dim 64, 4 blocks, token MLP 64). The MoE victim's channel
+# MLPs are 4 experts of hidden 128 with top-p routing (p 0.8); the static counterpart's are dense
+# MLPs of hidden 512 (the 4 experts' width: the MoE's all-on FLOPs, router aside). Both train by
+# one recipe (train/moe.py; the MoE's masked path runs every expert on every token, so a step
+# costs about a static step: ~0.4 s per batch of 128 on one thread, ~2.7 min per epoch idle).
+# Shipped runs (`dynattack train NAME --seed 0`, OMP_NUM_THREADS=1, CPU shared with other jobs):
+# mixer-fmnist 15.3 min, 86.77 %; moe-mixer-fmnist 11.8 min, 86.30 % at 43.0 % of the FLOPs kept
+# (1.42 experts per token; the entropy weight beta fell to 0 once the router sharpened below the
+# 1.6 target, the balancing loss and cross-entropy alone holding it there).
+_MIXER = {**_FMNIST, "patch": 4, "dim": 64, "depth": 4, "token_hidden": 64}
+_MIXER_TRAIN = {"epochs": 4, "lr": 2e-3, "batch_size": 128, "weight_decay": 0.05, "warmup_epochs": 0.25}
+register(ModelSpec(
+    name="mixer-fmnist",
+    family="moe",
+    build=lambda: _moe.mixer_fmnist(expert_hidden=128, **_MIXER),
+    description="static MLP-Mixer (4x4 patches, 49 tokens, dim 64, 4 blocks), dense channel MLPs of hidden 512: "
+                "the MoE victim's static counterpart (its all-on width)",
+    train_args=dict(_MIXER_TRAIN),
+))
+register(ModelSpec(
+    name="moe-mixer-fmnist",
+    family="moe",
+    build=lambda: _moe.moe_mixer_fmnist(expert_hidden=128, top_p=0.8, **_MIXER),
+    description="MLP-Mixer (4x4 patches, 49 tokens, dim 64, 4 blocks) whose channel MLPs are 4-expert mixtures "
+                "(hidden 128 each) with dynamic top-p routing (p 0.8, Huang et al. 2024): load-balancing and "
+                "entropy (compute) losses",
+    train_args={**_MIXER_TRAIN, "balance_weight": 0.01, "beta": 0.01, "beta_lr": 0.001, "target_experts": 1.6,
+                "static_counterpart": "mixer-fmnist"},
+))
+
+
+# -- token-halting ViT (A-ViT) -----------------------------------------------------------------
+
+from . import vit as _vit  # noqa: E402
+
+# ViT (4x4 patches -> 49 tokens + class token, dim 64, 6 blocks, 4 heads, MLP ratio 2): ~0.4 s
+# per training step of 128 on one thread (~3 min per epoch idle). The static ViT trains from
+# scratch; A-ViT fine-tunes from it (`init_from`; same parameters) with A-ViT's ponder loss and
+# distribution prior (train/vit.py). Halting h = sigmoid(10 t_0 - 6), eps 0.01: the centre -6 chosen on
+# the static ViT's channel 0 (1000 training images): mean h 0.13, 89 % of the (token, block) units still
+# running at the start of fine-tuning (A-ViT starts near full compute too), gradients not vanishing.
+_VIT_TRAIN = {"lr": 1e-3, "batch_size": 128, "weight_decay": 0.05, "warmup_frac": 0.05}
+register(ModelSpec(
+    name="vit-fmnist",
+    family="vit",
+    build=lambda: _vit.vit_fmnist(),
+    description="static ViT (4x4 patches, 49 patch tokens + class token, dim 64, 6 blocks, 4 heads, MLP ratio 2): "
+                "the A-ViT victim's static counterpart",
+    train_args={**_VIT_TRAIN, "epochs": 5},
+))
+register(ModelSpec(
+    name="avit-fmnist",
+    family="token_vit",
+    build=lambda: _vit.avit_fmnist(halt_scale=10.0, halt_center=-6.0),
+    description="A-ViT: the ViT with per-token halting (halting score from each token's first channel, "
+                "cumulative halting to 1 - 0.01, class token always runs; real path drops halted tokens), "
+                "ponder loss and distribution prior, fine-tuned from the static ViT",
+    train_args={**_VIT_TRAIN, "epochs": 3, "lr": 5e-4, "init_from": "vit-fmnist", "ponder_weight": 0.1,
+                "ponder_target": 3.6, "distr_weight": 0.1, "target_depth": 2.0, "static_counterpart": "vit-fmnist"},
+))

@@ -30,6 +30,12 @@ def _recipe(family: str):
     if family == "early_exit":
         from .early_exit import train_early_exit
         return train_early_exit
+    if family == "moe":
+        from .moe import train_moe
+        return train_moe
+    if family in ("vit", "token_vit"):
+        from .vit import train_vit
+        return train_vit
     raise DynattackError(f"no training recipe for family {family!r}")
 
 
