@@ -1,7 +1,7 @@
 """Helpers shared by the victim-family tests: BN statistics calibrated on data, float
 tolerances derived from the logits' scale, decisions kept clear of their thresholds, random
 tensors in the official checkpoint layouts, a traced hard forward, the batch-independence and
-the FLOPs-vs-real-execution checks."""
+the FLOPs-vs-real-execution checks, Fashion-MNIST test images."""
 from __future__ import annotations
 
 import math
@@ -25,6 +25,17 @@ LOGIT_ULPS = 256
 # default, AVX2 and SSE-level kernels too), so that rounding cannot flip a decision. Families
 # whose logits round otherwise (SACT, ManiDP) state their own margin; the batches keep more.
 DECISION_MARGIN = 1e-4
+
+
+def fmnist_images(n: int) -> torch.Tensor:
+    """The first ``n`` Fashion-MNIST test images (random images where the dataset is missing)."""
+    from dynattack.data import load_fashion_mnist
+    from dynattack.errors import DynattackError
+
+    try:
+        return load_fashion_mnist("test")[0][:n].clone()
+    except DynattackError:
+        return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 
 
 def calibrate_bn(model: nn.Module, x: torch.Tensor, gen: torch.Generator | None = None) -> None:

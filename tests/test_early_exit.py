@@ -31,6 +31,7 @@ from model_helpers import (
     assert_decisions_batch_independent,
     assert_logits_close,
     calibrate_bn,
+    fmnist_images,
     hard_run,
     split_at_gap,
 )
@@ -41,17 +42,6 @@ IC_AFTER = (2, 5)  # the small test network: an IC at the end of stages 1 and 2,
 
 def conv_flops(cin, cout, k, hw):
     return 2 * k * k * cin * cout * hw
-
-
-def fmnist_images(n: int) -> torch.Tensor:
-    """The first ``n`` Fashion-MNIST test images (random images where the dataset is missing)."""
-    from dynattack.data import load_fashion_mnist
-    from dynattack.errors import DynattackError
-
-    try:
-        return load_fashion_mnist("test")[0][:n].clone()
-    except DynattackError:
-        return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 
 
 def set_thresholds_at_gaps(model, x: torch.Tensor) -> None:

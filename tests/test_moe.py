@@ -36,22 +36,12 @@ from model_helpers import (
     assert_decisions_batch_independent,
     assert_flops_equal_real_execution,
     assert_logits_close,
+    fmnist_images,
     hard_run,
 )
 
 FMNIST = {"in_channels": 1, "num_classes": 10, "input_size": 28, "mean": (0.2860,), "std": (0.3530,)}
 SMALL = {"dim": 32, "depth": 2, "token_hidden": 32, "expert_hidden": 48, "experts": 4, "top_p": 0.8}
-
-
-def fmnist_images(n: int) -> torch.Tensor:
-    """The first ``n`` Fashion-MNIST test images (random images where the dataset is missing)."""
-    from dynattack.data import load_fashion_mnist
-    from dynattack.errors import DynattackError
-
-    try:
-        return load_fashion_mnist("test")[0][:n].clone()
-    except DynattackError:
-        return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 
 
 @functools.lru_cache(maxsize=None)

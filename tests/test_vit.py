@@ -28,20 +28,11 @@ from model_helpers import (
     assert_decisions_batch_independent,
     assert_flops_equal_real_execution,
     assert_logits_close,
+    fmnist_images,
     hard_run,
 )
 
 DIM, HEADS, HIDDEN, TOKENS = 64, 4, 128, 50
-
-
-def fmnist_images(n: int) -> torch.Tensor:
-    from dynattack.data import load_fashion_mnist
-    from dynattack.errors import DynattackError
-
-    try:
-        return load_fashion_mnist("test")[0][:n].clone()
-    except DynattackError:
-        return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 
 
 @functools.lru_cache(maxsize=None)

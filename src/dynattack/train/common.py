@@ -3,6 +3,7 @@ and writing a victim (safetensors + model card) atomically."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import random
@@ -178,3 +179,10 @@ def fine_tune_setup(spec, seed: int, data_root, device: str, limit: int | None, 
         load_static_backbone(model, source, spec.name, init_from, own=own)
     model.to(device)
     return gen, splits, model, cost.calibrate(model, model.input_shape)
+
+
+def warmup_cosine(step: int, steps: int, warmup: int) -> float:
+    """Learning-rate factor: linear warm-up over ``warmup`` steps, then cosine to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))

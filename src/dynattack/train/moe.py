@@ -25,7 +25,6 @@ counterpart's accuracy where its card exists.
 """
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -35,14 +34,7 @@ from tqdm import tqdm
 from ..gates import Trace, gate_mode
 from ..models import read_card
 from ..models.moe import load_imbalance, experts_per_token, top_p_logit
-from .common import augment, evaluate, fashion_mnist_splits, seed_everything, victim_card
-
-
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up to 1 over ``warmup`` steps, then cosine to 0 at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+from .common import augment, evaluate, fashion_mnist_splits, seed_everything, victim_card, warmup_cosine
 
 
 def routing_losses(model) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -92,7 +84,7 @@ def train_moe(spec, seed: int = 0, data_root=None, device: str = "cpu", epochs: 
     per_epoch = (len(x) + bs - 1) // bs
     total, warmup = epochs * per_epoch, max(1, round(args.get("warmup_epochs", 0.25) * per_epoch))
     opt = torch.optim.AdamW(model.parameters(), lr=args["lr"], weight_decay=args.get("weight_decay", 0.05))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warmup))
     beta, beta_lr = float(args.get("beta", 0.0)), float(args.get("beta_lr", 0.0))
     target, alpha = float(args.get("target_experts", 1.0)), float(args.get("balance_weight", 0.0))
     t0 = time.time()

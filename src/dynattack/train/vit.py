@@ -30,7 +30,6 @@ classifier needs is pushed to run longer.
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from .. import cost
 from ..errors import DynattackError
 from ..gates import gate_mode
 from ..models import read_state_dict, weights_path
-from .common import augment, evaluate, fashion_mnist_splits, seed_everything, victim_card
+from .common import augment, evaluate, fashion_mnist_splits, seed_everything, victim_card, warmup_cosine
 
 
 def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -51,13 +50,6 @@ def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and n not in ("pos", "cls"))]
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
                              lr=lr, betas=(0.9, 0.999))
-
-
-def warmup_cosine(step: int, steps: int, warmup: int) -> float:
-    """Learning-rate factor: linear warm-up over ``warmup`` steps, then cosine to 0."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
 def target_distribution(blocks: int, depth: float, std: float = 1.0) -> torch.Tensor:
