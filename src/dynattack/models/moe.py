@@ -228,7 +228,7 @@ def experts_per_token(trace: Trace, model: MLPMixer | None = None) -> float:
 
 
 def moe_mixer_fmnist(**kw) -> MLPMixer:
-    """The dynamic victim: 6 Mixer blocks, each channel MLP a 4-expert top-p MoE."""
+    """The dynamic victim: every Mixer block's channel MLP a 4-expert top-p MoE."""
     return MLPMixer(**{"experts": 4, **kw})
 
 
