@@ -16,9 +16,7 @@ def train_classifier(spec, seed: int = 0, data_root=None, device: str = "cpu", e
     args = spec.train_args
     epochs = epochs or args["epochs"]
     gen = seed_everything(seed)
-    (x, y), (xv, yv), (xt, yt) = fashion_mnist_splits(data_root)
-    if limit:
-        x, y, xt, yt = x[:limit], y[:limit], xt[:limit], yt[:limit]
+    (x, y), (xv, yv), (xt, yt) = fashion_mnist_splits(data_root, limit)
     model = spec.build().to(device)
     bs = args["batch_size"]
     steps = epochs * ((len(x) + bs - 1) // bs)

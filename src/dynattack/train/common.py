@@ -33,11 +33,13 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def fashion_mnist_splits(root=None):
-    """(train, val, test) pairs; val is held out of training for attack hyper-parameter sweeps."""
+def fashion_mnist_splits(root=None, limit: int | None = None):
+    """(train, val, test) pairs; val is held out of training for attack hyper-parameter sweeps.
+    ``limit``: the first ``limit`` images of each (smoke runs)."""
     x, y = load_fashion_mnist("train", root)
     xt, yt = load_fashion_mnist("test", root)
-    return (x[:-VAL_SIZE], y[:-VAL_SIZE]), (x[-VAL_SIZE:], y[-VAL_SIZE:]), (xt, yt)
+    splits = (x[:-VAL_SIZE], y[:-VAL_SIZE]), (x[-VAL_SIZE:], y[-VAL_SIZE:]), (xt, yt)
+    return tuple((a[:limit], b[:limit]) for a, b in splits) if limit else splits
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor:
@@ -169,9 +171,7 @@ def fine_tune_setup(spec, seed: int, data_root, device: str, limit: int | None, 
     the zoo's; ``own``: the family's fresh modules) on ``device``, and its cost profile.
     Returns (generator, ((x, y), (xv, yv), (xt, yt)), model, profile)."""
     gen = seed_everything(seed)
-    splits = fashion_mnist_splits(data_root)
-    if limit:
-        splits = tuple((x[:limit], y[:limit]) for x, y in splits)
+    splits = fashion_mnist_splits(data_root, limit)
     model = spec.build()
     init_from = spec.train_args.get("init_from")
     if init_from:

@@ -75,9 +75,7 @@ def train_moe(spec, seed: int = 0, data_root=None, device: str = "cpu", epochs: 
     args = spec.train_args
     epochs = epochs or args["epochs"]
     gen = seed_everything(seed)
-    (x, y), (xv, yv), (xt, yt) = fashion_mnist_splits(data_root)
-    if limit:
-        x, y, xv, yv, xt, yt = x[:limit], y[:limit], xv[:limit], yv[:limit], xt[:limit], yt[:limit]
+    (x, y), (xv, yv), (xt, yt) = fashion_mnist_splits(data_root, limit)
     model = spec.build().to(device)
     moe = bool(model.moe_layers)
     bs = args["batch_size"]

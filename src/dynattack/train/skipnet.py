@@ -52,9 +52,7 @@ def train_skipnet(spec, seed: int = 0, data_root=None, device: str = "cpu", epoc
         raise DynattackError(f"unknown SkipNet training {training!r}; expected 'sp' or 'hrl'")
     epochs = epochs or args["epochs"]
     gen = seed_everything(seed)
-    (x, y), (xv, yv), (xt, yt) = fashion_mnist_splits(data_root)
-    if limit:
-        x, y, xv, yv, xt, yt = x[:limit], y[:limit], xv[:limit], yv[:limit], xt[:limit], yt[:limit]
+    (x, y), (xv, yv), (xt, yt) = fashion_mnist_splits(data_root, limit)
     model = spec.build()
     if training == "hrl":
         source = Path(sp_weights) if sp_weights else weights_path(args["init_from"])

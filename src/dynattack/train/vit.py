@@ -40,7 +40,7 @@ from tqdm import tqdm
 from .. import cost
 from ..errors import DynattackError
 from ..gates import gate_mode
-from ..models import read_state_dict, weights_path
+from ..models import load_weights, weights_path
 from .common import augment, evaluate, fashion_mnist_splits, seed_everything, victim_card, warmup_cosine
 
 
@@ -78,10 +78,7 @@ def _load_init(model, spec, source: Path | None) -> None:
     source = Path(source) if source else weights_path(init_from)
     if not source.exists():
         raise DynattackError(f"{spec.name} starts from static weights, none at {source}: train {init_from} first")
-    missing, unexpected = model.load_state_dict(read_state_dict(source), strict=False)
-    if missing or unexpected:
-        raise DynattackError(f"{source} is not the static ViT {spec.name} starts from: missing {missing[:4]}, "
-                             f"unexpected {unexpected[:4]}")
+    load_weights(model, source)  # the same parameters: strict, shapes checked
 
 
 def train_vit(spec, seed: int = 0, data_root=None, device: str = "cpu", epochs: int | None = None,
@@ -94,9 +91,7 @@ def train_vit(spec, seed: int = 0, data_root=None, device: str = "cpu", epochs: 
     args = spec.train_args
     epochs = epochs or args["epochs"]
     gen = seed_everything(seed)
-    (x, y), (xv, yv), (xt, yt) = fashion_mnist_splits(data_root)
-    if limit:
-        x, y, xv, yv, xt, yt = x[:limit], y[:limit], xv[:limit], yv[:limit], xt[:limit], yt[:limit]
+    (x, y), (xv, yv), (xt, yt) = fashion_mnist_splits(data_root, limit)
     model = spec.build()
     halting = hasattr(model, "gates")
     if args.get("init_from"):
