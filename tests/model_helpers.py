@@ -1,7 +1,7 @@
 """Helpers shared by the victim-family tests: BN statistics calibrated on data, float
 tolerances derived from the logits' scale, decisions kept clear of their thresholds, random
-tensors in the official checkpoint layouts, a traced hard forward, the batch-independence and
-the FLOPs-vs-real-execution checks, Fashion-MNIST test images."""
+tensors in the official checkpoint layouts, a traced hard forward, the batch-independence,
+real-path and FLOPs-vs-real-execution checks, Fashion-MNIST test images."""
 from __future__ import annotations
 
 import math
@@ -109,6 +109,18 @@ def hard_run(model: nn.Module, x: torch.Tensor):
     with torch.no_grad(), Trace() as trace:
         out = model(x)
     return out, trace
+
+
+def assert_real_path_matches(model: nn.Module, x: torch.Tensor, logits: torch.Tensor, trace: Trace) -> None:
+    """The real conditional path takes the hard forward's decisions (``trace``) and gives its
+    ``logits``, on the batch and on each sample alone."""
+    with torch.no_grad(), Trace() as real:
+        out = model.forward_conditional(x)
+    assert torch.equal(real.flat("decision"), trace.flat("decision"))
+    assert_logits_close(out, logits)
+    for i in range(len(x)):
+        with torch.no_grad():
+            assert_logits_close(model.forward_conditional(x[i:i + 1]), logits[i:i + 1])
 
 
 def assert_decisions_batch_independent(model: nn.Module, x: torch.Tensor, margin: float = DECISION_MARGIN) -> None:

@@ -39,6 +39,7 @@ from model_helpers import (
     assert_decisions_batch_independent,
     assert_flops_equal_real_execution,
     assert_logits_close,
+    assert_real_path_matches,
     calibrate_bn,
     hard_run,
     split_at_gap,
@@ -139,13 +140,7 @@ def test_masked_and_real_execution_give_the_same_logits():
     model, x = small_dynconv()
     logits, trace = hard_run(model, x)
     assert_clear_of_threshold(trace)
-    with torch.no_grad(), Trace() as real:
-        out = model.forward_conditional(x)
-    assert torch.equal(real.flat("decision"), trace.flat("decision"))
-    assert_logits_close(out, logits)
-    for i in range(len(x)):
-        with torch.no_grad():
-            assert_logits_close(model.forward_conditional(x[i:i + 1]), logits[i:i + 1])
+    assert_real_path_matches(model, x, logits, trace)
     # in train mode (Gumbel straight-through, hard forward) the two paths agree as well
     with torch.no_grad(), gate_mode(model, "train"):
         torch.manual_seed(3)

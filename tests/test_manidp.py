@@ -29,6 +29,7 @@ from model_helpers import (
     assert_decisions_batch_independent,
     assert_flops_equal_real_execution,
     assert_logits_close,
+    assert_real_path_matches,
     calibrate_bn,
     hard_run,
     split_at_gap,
@@ -187,13 +188,7 @@ def test_masked_and_real_execution_give_the_same_logits():
     model, x = small_manidp()
     logits, trace = hard_run(model, x)
     assert_clear_of_threshold(trace, MARGIN)  # set_thresholds' half-gaps are far above rounding
-    with torch.no_grad(), Trace() as real:
-        out = model.forward_conditional(x)
-    assert torch.equal(real.flat("decision"), trace.flat("decision"))
-    assert_logits_close(out, logits)
-    for i in range(len(x)):
-        with torch.no_grad():
-            assert_logits_close(model.forward_conditional(x[i:i + 1]), logits[i:i + 1])
+    assert_real_path_matches(model, x, logits, trace)
     # the training mask (hard keep rule) and LGM's straight-through mask run the same network
     for mode in ("train", "lgm_st"):
         with torch.no_grad(), gate_mode(model, mode, lam=2.0):

@@ -36,6 +36,7 @@ from model_helpers import (
     assert_decisions_batch_independent,
     assert_flops_equal_real_execution,
     assert_logits_close,
+    assert_real_path_matches,
     fmnist_images,
     hard_run,
 )
@@ -172,13 +173,7 @@ def test_real_path_runs_each_expert_on_its_routed_tokens_only():
 def test_masked_and_real_execution_give_the_same_logits_and_decisions():
     model, x = small_moe()
     logits, trace = hard_run(model, x)
-    with torch.no_grad(), Trace() as real:
-        out = model.forward_conditional(x)
-    assert torch.equal(real.flat("decision"), trace.flat("decision"))
-    assert_logits_close(out, logits)
-    for i in range(len(x)):
-        with torch.no_grad():
-            assert_logits_close(model.forward_conditional(x[i:i + 1]), logits[i:i + 1])
+    assert_real_path_matches(model, x, logits, trace)
     with torch.no_grad(), gate_mode(model, "hard", force="on"):
         assert_logits_close(model.forward_conditional(x), model(x))
 
