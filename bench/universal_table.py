@@ -7,7 +7,7 @@ For each gated 2D victim of the zoo: ``UniversalEnergy`` fitted on the first --t
 Fashion-MNIST *training* images, evaluated on the first --n *test* images (held out), against
 ``EnergyPGD`` (one perturbation per image, same eps) on the same test images. Recovery of the
 saved FLOPs (aggregate), share of samples all-on, mean L2 and PSNR; wall time of the fit.
-Writes bench/results/universal.md.
+Writes bench/results/universal.md (``--out NAME``: another file there).
 """
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--fit-batch", type=int, default=100)
     ap.add_argument("--pgd-steps", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="universal.md", help="file name in bench/results")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     train, _ = load_fashion_mnist("train")
@@ -71,12 +72,12 @@ def main() -> None:
     lines = ["# Universal energy perturbation vs per-image energy PGD", "",
              f"`.venv/bin/python bench/universal_table.py --n {args.n} --eps {args.eps * 255:g}/255 --fit-steps "
              f"{args.fit_steps} --train-n {args.train_n} --fit-batch {args.fit_batch} --pgd-steps {args.pgd_steps} "
-             f"--threads {args.threads}` on {cpu_name()} ({platform.machine()}), torch {torch.__version__}. "
+             f"--threads {args.threads} --victims {args.victims} --out {args.out}` on {cpu_name()} ({platform.machine()}), torch {torch.__version__}. "
              f"Universal: one perturbation fitted on the first {args.train_n} training images, evaluated on the first "
              f"{args.n} test images; energy PGD: one perturbation per test image, {args.pgd_steps} steps, random start.",
              "", "| victim | universal recovery % | all-on % | L2 | PSNR dB | energy PGD recovery % | all-on % | L2 | "
              "PSNR dB | fit s |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", *rows]
-    out = Path(__file__).resolve().parent / "results" / "universal.md"
+    out = Path(__file__).resolve().parent / "results" / args.out
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
 

@@ -409,6 +409,11 @@ class Attack:
         """The attack's settings, for result files."""
         return {"steps": self.steps, "seed": self.seed, "early_stop": self.early_stop}
 
+    @property
+    def total_steps(self) -> int:
+        """Iterations the loop may run: ``steps``, and more for an attack with a phase after them."""
+        return self.steps
+
     def init_state(self, images: torch.Tensor, labels: torch.Tensor | None, clean: Evaluation) -> dict:
         raise NotImplementedError
 
@@ -558,7 +563,7 @@ class Attack:
             records: list[tuple[torch.Tensor, dict]] = []
             lab = (lambda rows: None) if labels is None else (lambda rows: labels[rows])
 
-            bar = tqdm(range(self.steps), desc=self.name, disable=not self.progress, leave=False)
+            bar = tqdm(range(self.total_steps), desc=self.name, disable=not self.progress, leave=False)
             for it in bar:
                 idx = active.nonzero().squeeze(1)
                 if idx.numel() == 0:
@@ -603,7 +608,7 @@ class Attack:
                 with torch.no_grad():
                     x_c = self.candidate(state, idx)
                 ev = self._evaluate(x_c, full)
-                best.offer(idx, x_c, ev, self._score(ev, lab(idx)), self.goal(ev, lab(idx)), self.steps,
+                best.offer(idx, x_c, ev, self._score(ev, lab(idx)), self.goal(ev, lab(idx)), self.total_steps,
                            force=not (self.evaluates_candidate and self.keep_best))
 
         return AttackResult(

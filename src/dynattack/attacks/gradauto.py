@@ -30,6 +30,19 @@ pushes every gate logit of the forced-on network to >= 0 instead (see
 :class:`~dynattack.attacks.base.EnergyAttack`). Measured against the default in
 bench/results/energy_dynamics.md.
 
+All-on anchors (ours, issue 16; ``anchor_starts > 0``): on some victims (the retrained
+SkipNet-38-RNN-HRL) no descent from the clean image reaches all-on, yet all-on inputs exist far
+from it: descending the hinge ``sum_u relu(m - q_u)`` of the forced-on network's logits with no
+distortion term, from uniform-noise starts, ends at inputs whose natural run is all-on (the
+forced-on network is all-on by construction; its logits all >= 0 is the natural run being
+all-on). :meth:`GradAuto.anchors` finds them once per input shape (seeded, cached on the attack).
+After the ``steps`` iterations, every sample still short of all-on jumps to the closest all-on
+point on the segments from its clean input and from its last iterate to the anchors (grid, then
+bisection, on the hard network) and spends ``anchor_walk`` more iterations in the minimum-norm
+search from there, as a decision-based attack (Boundary Attack, HopSkipJump) starts from an
+input already adversarial and walks back to the clean one. The samples all-on within ``steps``
+are not touched (same result as without anchors). Measured in bench/results/energy_anchors.md.
+
 After all-on (ours, ``keep_optimising_distortion``; the paper has no such phase): the first all-on
 iterate is far from the least distorted all-on input. A sample that reaches all-on spends its
 remaining iterations on a minimum-norm search along the all-on boundary
@@ -44,8 +57,11 @@ from __future__ import annotations
 import math
 
 import torch
+from tqdm.auto import tqdm
 
+from .. import cost
 from ..errors import DynattackError
+from ..gates import Trace, gate_mode
 from .base import (
     EnergyAttack,
     Forward,
@@ -54,6 +70,7 @@ from .base import (
     check_int,
     check_positive,
     per_sample_view,
+    victim_context,
     vjp,
 )
 
@@ -138,6 +155,12 @@ class GradAuto(EnergyAttack):
             the authors' tanh map starts (their zero perturbation is such an image); the
             distortion term then pulls back towards ``x``. Not the default: measured against it in
             bench/results/energy_start.md.
+        anchor_starts: uniform-noise starts of the all-on anchor search (:meth:`anchors`; 0, the
+            default: no anchors). ``anchor_steps``: its Adam steps at most (it stops once every start
+            is all-on, or when the best start's lowest forced-on logit has not risen for
+            ``ANCHOR_PATIENCE`` steps). ``anchor_walk``: iterations after ``steps`` of the samples
+            that were not all-on by then, from the closest all-on point towards an anchor back
+            along the boundary (default ``steps // 2``); needs ``keep_optimising_distortion``.
         seed, history, progress: see :class:`~dynattack.attacks.base.Attack`.
 
     Every reported figure (FLOPs, all-on, best-keeping, the search's all-on test) is measured on
@@ -157,6 +180,16 @@ class GradAuto(EnergyAttack):
     RADIUS_CHANGE = 0.05
     BOUNDARY_STEP = 0.1
     MIN_FRACTION = 0.01
+    # Anchor search: Adam on the logit of the pixels (saturated pixels move as freely as grey
+    # ones), hinge margin on the forced-on logits, how often the natural run is checked, and the
+    # plateau that ends a search that finds nothing (DynConv's lowest forced-on logit stops
+    # rising within 200 steps; the HRL starts that succeed keep rising until 600-2000).
+    ANCHOR_LR = 0.05
+    ANCHOR_MARGIN = 0.2
+    ANCHOR_CHECK = 10
+    ANCHOR_PATIENCE = 300
+    LINE_GRID = 16
+    LINE_BISECT = 8
 
     def __init__(
         self,
@@ -176,6 +209,9 @@ class GradAuto(EnergyAttack):
         objective: str = "complexity",
         fp_margin: float = 0.0,
         start_contrast: float = 1.0,
+        anchor_starts: int = 0,
+        anchor_steps: int = 2000,
+        anchor_walk: int | None = None,
         seed: int = 0,
         history: bool = False,
         progress: bool = True,
@@ -194,13 +230,25 @@ class GradAuto(EnergyAttack):
         self.start_contrast = check_positive(owner, "start_contrast", start_contrast)
         if self.start_contrast > 1:
             raise DynattackError(f"{owner}: start_contrast must be in (0, 1], got {start_contrast!r}")
+        self.anchor_starts = check_int(owner, "anchor_starts", anchor_starts, 0)
+        self.anchor_steps = check_int(owner, "anchor_steps", anchor_steps, 1)
+        self.anchor_walk = max(self.steps // 2, 1) if anchor_walk is None else check_int(owner, "anchor_walk", anchor_walk, 1)
+        if self.anchor_starts and not self.keep_optimising_distortion:
+            raise DynattackError(f"{owner}: anchor_starts needs keep_optimising_distortion (the jump to an anchor "
+                                 f"is the start of the minimum-norm search)")
+        self._anchors: dict = {}  # (shape, dtype, device) -> (A, *shape) all-on inputs
         self.set_dynamics(grad, lam, lam_end, objective, fp_margin)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps + (self.anchor_walk if self.anchor_starts else 0)
 
     def params(self) -> dict:
         return {**super().params(), "K": self.K, "lr": self.lr, "rectify_direction": self.rectify_direction,
                 "rectify_magnitude": self.rectify_magnitude, "rd_start": self.rd_start,
                 "keep_optimising_distortion": self.keep_optimising_distortion, "tanh_eps": self.tanh_eps,
-                "start_contrast": self.start_contrast, **self.dynamics_params()}
+                "start_contrast": self.start_contrast, "anchor_starts": self.anchor_starts,
+                "anchor_steps": self.anchor_steps, "anchor_walk": self.anchor_walk, **self.dynamics_params()}
 
     # ---- hooks -----------------------------------------------------------------------------
     # The gradient forward runs on the input itself (the leaf): rows in their Adam phase convert
@@ -224,6 +272,9 @@ class GradAuto(EnergyAttack):
             "x_b": images.clone(),  # its iterate, in input space
             "radius": torch.zeros(B, dtype=images.dtype, device=dev),
             "start": torch.zeros(B, dtype=torch.long, device=dev),  # iteration it began
+            "end": torch.full((B,), self.steps, dtype=torch.long, device=dev),  # its last iteration + 1
+            "jumped": torch.zeros(B, dtype=torch.bool, device=dev),  # it began at an anchor's segment
+            "it": 0,  # the iteration should_stop is asked about
         }
 
     def _map(self, state, idx, delta):
@@ -246,6 +297,9 @@ class GradAuto(EnergyAttack):
         return leaf, leaf
 
     def should_stop(self, state, idx, ev, labels):
+        if state["it"] >= self.steps:  # the anchor walk: only the rows that jump (at steps) or jumped run on
+            done = state["on_boundary"][idx] | ev.all_on if state["it"] == self.steps else ~state["jumped"][idx]
+            return done & ~state["jumped"][idx]
         if not self.early_stop or self.keep_optimising_distortion:  # the search runs to the end
             return torch.zeros_like(ev.all_on)
         return ev.all_on
@@ -255,6 +309,7 @@ class GradAuto(EnergyAttack):
         return 2 * (x_adv - state["x"][idx]) * jac
 
     def step(self, state, idx, leaf, fwd: Forward, keep, it):
+        state["it"] = it + 1
         l_c, l_f = self.energy_losses(fwd)  # (n,) Eq. 6/8 and Eq. 20 (or the fixed-point hinges)
         lam = self.grad_lam
         self.schedule(it + 1)  # the slope of the next gradient forward
@@ -275,6 +330,8 @@ class GradAuto(EnergyAttack):
             search = self._boundary_step(state, idx, leaf.detach(), fwd.ev.all_on, g_c_x, keep, it)
         rows = idx[keep & ~search]
         state["adam"].step(rows, g[keep & ~search])
+        if it == self.steps and rows.numel():  # the rows still short of all-on start the anchor walk
+            self._jump_to_anchors(state, rows, it)
 
         if not self.history:
             return {}
@@ -313,7 +370,7 @@ class GradAuto(EnergyAttack):
         x = state["x"][rows]
         d = state["x_b"][rows] - x
         norm = d.flatten(1).norm(dim=1)
-        left = (self.steps - state["start"][rows]).clamp_min(1)
+        left = (state["end"][rows] - state["start"][rows]).clamp_min(1)
         progress = (it - state["start"][rows]).to(x.dtype) / left
         anneal = self.MIN_FRACTION + (1 - self.MIN_FRACTION) * (1 + torch.cos(math.pi * progress)) / 2
         change = self.RADIUS_CHANGE * anneal
@@ -327,3 +384,100 @@ class GradAuto(EnergyAttack):
         state["x_b"][rows] = (x + d).clamp(0, 1)
         state["radius"][rows] = radius
         return search
+
+    # ---- all-on anchors --------------------------------------------------------------------
+    def anchors(self, like: torch.Tensor) -> torch.Tensor:
+        """``(A, *shape)`` inputs whose natural hard run is all-on (A may be 0), for inputs shaped
+        as ``like``'s samples: Adam on the logit of ``anchor_starts`` uniform-noise inputs along
+        ``sum_u relu(ANCHOR_MARGIN - q_u)`` of the forced-on network's logits (no distortion
+        term); a start is kept the first time a check finds its natural run all-on. Seeded,
+        computed once per shape, dtype and device."""
+        key = (tuple(like.shape[1:]), like.dtype, like.device)
+        if key not in self._anchors:
+            with torch.inference_mode(False), torch.enable_grad(), victim_context(self.model):
+                self._anchors[key] = self._search_anchors(*key)
+        return self._anchors[key]
+
+    def _search_anchors(self, shape, dtype, device) -> torch.Tensor:
+        gen = torch.Generator(device=device).manual_seed(self.seed)
+        u = torch.rand((self.anchor_starts, *shape), generator=gen, device=device, dtype=dtype)
+        z = torch.logit(u.clamp(0.02, 0.98)).requires_grad_()
+        opt = torch.optim.Adam([z], lr=self.ANCHOR_LR)
+        full = cost.profile(self.model, shape).full
+        found = torch.zeros(self.anchor_starts, dtype=torch.bool, device=device)
+        kept = torch.empty_like(u)
+
+        def check():
+            x = torch.sigmoid(z.detach())
+            on = self._evaluate(x, full).all_on & ~found
+            kept[on] = x[on]
+            return found | on
+
+        best, since = -math.inf, 0
+        bar = tqdm(range(self.anchor_steps), desc="all-on anchors", disable=not self.progress, leave=False)
+        for step in bar:
+            if step % self.ANCHOR_CHECK == 0:
+                found = check()
+                if bool(found.all()):
+                    break
+            with gate_mode(self.model, "hard", force="on"), Trace() as trace:
+                self.model(torch.sigmoid(z))
+            if not len(trace):
+                break
+            q = torch.cat([e.full("logit", z.shape[0], 0.0).reshape(z.shape[0], -1) for e in trace], 1)
+            low = float(q.detach().min(1).values.max())
+            best, since = (low, 0) if low > best + 1e-3 else (best, since + 1)
+            if since >= self.ANCHOR_PATIENCE:
+                break
+            loss = torch.relu(self.ANCHOR_MARGIN - q)[~found].sum()
+            if loss.requires_grad:  # the gradient of z only: the victim's parameters keep no .grad
+                (z.grad,) = torch.autograd.grad(loss, z)
+                opt.step()
+            bar.set_postfix({"all-on": int(found.sum()), "lowest logit": round(low, 3)}, refresh=False)
+        else:
+            found = check()
+        bar.close()
+        return kept[found].detach()
+
+    def _jump_to_anchors(self, state, rows, it):
+        """Rows ``rows`` (not all-on yet) start the minimum-norm search at the all-on point closest
+        to their clean input among the segments from the clean input and from the current iterate
+        to each anchor: on each segment the first all-on point of a grid of ``LINE_GRID`` steps
+        from the near end, refined by ``LINE_BISECT`` bisections (the all-on end kept, so the
+        point found is all-on in the hard network)."""
+        anchors = self.anchors(state["x"])
+        if not anchors.shape[0]:
+            return
+        x = state["x"][rows]
+        best_l2 = torch.full((rows.numel(),), math.inf, dtype=x.dtype, device=x.device)
+        best_x = x.clone()
+        view = lambda v: per_sample_view(v, x)
+        full = cost.profile(self.model, tuple(x.shape[1:])).full
+        on_at = lambda pts: self._evaluate(pts, full).all_on
+        with torch.no_grad():
+            origins = (x, self._map(state, rows, state["delta"][rows])[0])
+            for o, a in ((o, a) for o in origins for a in anchors):
+                d = a.unsqueeze(0) - o
+                hi = torch.full_like(best_l2, math.inf)
+                for k in range(1, self.LINE_GRID + 1):  # the first all-on grid point from the near end
+                    t = torch.full_like(best_l2, k / self.LINE_GRID)
+                    hi = torch.where(torch.isinf(hi) & on_at(o + view(t) * d), t, hi)
+                ok = torch.isfinite(hi)
+                lo = (hi - 1 / self.LINE_GRID).clamp_min(0)
+                for _ in range(self.LINE_BISECT):
+                    mid = (lo + hi) / 2
+                    on = on_at(o + view(torch.where(ok, mid, 0)) * d) & ok
+                    hi, lo = torch.where(on, mid, hi), torch.where(on, lo, mid)
+                p = o + view(torch.where(ok, hi, 0)) * d
+                l2 = torch.where(ok, (p - x).flatten(1).norm(dim=1), math.inf)
+                better = l2 < best_l2
+                best_l2 = torch.where(better, l2, best_l2)
+                best_x[better] = p[better]
+        jump = torch.isfinite(best_l2)
+        rows = rows[jump]
+        state["on_boundary"][rows] = True
+        state["x_b"][rows] = best_x[jump].clamp(0, 1)
+        state["radius"][rows] = best_l2[jump]
+        state["start"][rows] = it
+        state["end"][rows] = self.total_steps
+        state["jumped"][rows] = True
