@@ -59,10 +59,13 @@ def cpu_model() -> str:
 
 
 def run(model, x, kw, steps, batch_size):
-    clean, adv, full, psnr, l2, success = [], [], [], [], [], []
+    clean, adv, full, psnr, l2, success, anchors = [], [], [], [], [], [], None
     start = time.perf_counter()
     for xb in x.split(batch_size):
-        res = GradAuto(model, steps=steps, progress=False, **kw)(xb)
+        atk = GradAuto(model, steps=steps, progress=False, **kw)
+        res = atk(xb)
+        if atk._anchors:  # the search ran (some sample was short of all-on after the steps)
+            anchors = int(next(iter(atk._anchors.values())).shape[0])
         clean.append(res.flops_clean)
         adv.append(res.flops_adv)
         full.append(res.flops_full)
@@ -78,6 +81,7 @@ def run(model, x, kw, steps, batch_size):
         "psnr_db": mean_psnr,
         "kept_clean_pct": float(clean.sum() / full.sum() * 100),
         "seconds": time.perf_counter() - start,
+        "anchors_found": anchors,
     }
 
 
@@ -141,6 +145,11 @@ def main() -> None:
         lines.append(f"| {r['victim']} | {fmt(r['kept_clean_pct'])} % | {r['variant']} | {fmt(r['recovery_pct'])} % | "
                      f"{fmt(r['all_on_pct'], '.0f')} % | {fmt(r['l2'], '.3f')} | {fmt(r['psnr_db'])} dB | "
                      f"{fmt(r['seconds'], '.0f')} |")
+    found = [f"{r['victim']} {r['anchors_found']} of {r['params']['anchor_starts']}" for r in rows
+             if r["params"].get("anchor_starts")]
+    if found:
+        lines += ["", "All-on anchors found (noise starts whose natural run ended all-on; '-' or None: no "
+                  "sample needed the search, the last batch's count otherwise): " + ", ".join(found) + "."]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")

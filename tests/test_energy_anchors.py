@@ -110,6 +110,7 @@ def test_no_anchor_when_all_on_is_impossible_and_then_nothing_changes():
     assert atk.anchors(x).shape[0] == 0
     ref = GradAuto(model, steps=60, progress=False)(x)
     assert torch.equal(res.adv, ref.adv) and torch.equal(res.flops_adv, ref.flops_adv)
+    assert torch.equal(res.l2, ref.l2)
 
 
 def test_the_anchor_search_is_seeded_and_leaves_the_victim_without_gradients():

@@ -274,7 +274,7 @@ class GradAuto(EnergyAttack):
             "start": torch.zeros(B, dtype=torch.long, device=dev),  # iteration it began
             "end": torch.full((B,), self.steps, dtype=torch.long, device=dev),  # its last iteration + 1
             "jumped": torch.zeros(B, dtype=torch.bool, device=dev),  # it began at an anchor's segment
-            "it": 0,  # the iteration should_stop is asked about
+            "it": 0,  # the iteration should_stop is asked about (step sets the next one)
         }
 
     def _map(self, state, idx, delta):
@@ -297,9 +297,10 @@ class GradAuto(EnergyAttack):
         return leaf, leaf
 
     def should_stop(self, state, idx, ev, labels):
-        if state["it"] >= self.steps:  # the anchor walk: only the rows that jump (at steps) or jumped run on
-            done = state["on_boundary"][idx] | ev.all_on if state["it"] == self.steps else ~state["jumped"][idx]
-            return done & ~state["jumped"][idx]
+        if state["it"] > self.steps:  # the anchor walk: only the rows that jumped run on
+            return ~state["jumped"][idx]
+        if state["it"] == self.steps:  # the rows still short of all-on run one more step: the jump
+            return state["on_boundary"][idx] | ev.all_on
         if not self.early_stop or self.keep_optimising_distortion:  # the search runs to the end
             return torch.zeros_like(ev.all_on)
         return ev.all_on
@@ -329,8 +330,9 @@ class GradAuto(EnergyAttack):
         if self.keep_optimising_distortion:
             search = self._boundary_step(state, idx, leaf.detach(), fwd.ev.all_on, g_c_x, keep, it)
         rows = idx[keep & ~search]
-        state["adam"].step(rows, g[keep & ~search])
-        if it == self.steps and rows.numel():  # the rows still short of all-on start the anchor walk
+        if it < self.steps:
+            state["adam"].step(rows, g[keep & ~search])
+        elif rows.numel():  # iteration `steps`: the rows still short of all-on start the anchor walk
             self._jump_to_anchors(state, rows, it)
 
         if not self.history:
