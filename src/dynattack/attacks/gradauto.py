@@ -297,9 +297,10 @@ class GradAuto(EnergyAttack):
         return leaf, leaf
 
     def should_stop(self, state, idx, ev, labels):
-        if state["it"] > self.steps:  # the anchor walk: only the rows that jumped run on
+        it = state.get("it", 0)  # subclasses with their own state (points) have no anchor walk
+        if it > self.steps:  # the anchor walk: only the rows that jumped run on
             return ~state["jumped"][idx]
-        if state["it"] == self.steps:  # the rows still short of all-on run one more step: the jump
+        if it == self.steps:  # the rows still short of all-on run one more step: the jump
             return state["on_boundary"][idx] | ev.all_on
         if not self.early_stop or self.keep_optimising_distortion:  # the search runs to the end
             return torch.zeros_like(ev.all_on)
