@@ -151,6 +151,12 @@ def gate_units(trace: Trace, n: int, device: torch.device | None = None) -> Gate
     return GateUnits(torch.cat(values, 1), torch.cat(taus).to(values[0].dtype), weight, torch.cat(ons, 1), names, sizes)
 
 
+def trace_logits(trace: Trace, n: int) -> torch.Tensor:
+    """``(n, U)`` every gate logit of a forward, flattened per sample in call order (a row a
+    sub-batch gate call did not run on holds 0)."""
+    return torch.cat([e.full("logit", n, 0.0).reshape(n, -1) for e in trace], 1)
+
+
 def complexity_loss(units: GateUnits, weight: torch.Tensor | None = None) -> torch.Tensor:
     """``(n,)`` GradAuto's complexity loss ``sum_u lambda_u relu(tau_u - G_u)`` (Eq. 6/8),
     ``lambda_u`` the unit's share of the gated FLOPs (``units.weight``) unless ``weight`` is given."""
@@ -760,7 +766,7 @@ class EnergyAttack(Attack):
         if self.objective == "fixed_point":
             n = fwd.x.shape[0]
             if len(fwd.trace):
-                q = torch.cat([e.full("logit", n, 0.0).reshape(n, -1) for e in fwd.trace], 1).to(u.value.dtype)
+                q = trace_logits(fwd.trace, n).to(u.value.dtype)
             else:
                 q = u.value
             return (torch.relu(self.fp_margin - q) * w).sum(1), -(torch.relu(q - self.fp_margin) * w).sum(1)

@@ -70,6 +70,7 @@ from .base import (
     check_int,
     check_positive,
     per_sample_view,
+    trace_logits,
     victim_context,
     vjp,
 )
@@ -427,7 +428,7 @@ class GradAuto(EnergyAttack):
                 self.model(torch.sigmoid(z))
             if not len(trace):
                 break
-            q = torch.cat([e.full("logit", z.shape[0], 0.0).reshape(z.shape[0], -1) for e in trace], 1)
+            q = trace_logits(trace, z.shape[0])
             low = float(q.detach().min(1).values.max())
             best, since = (low, 0) if low > best + 1e-3 else (best, since + 1)
             if since >= self.ANCHOR_PATIENCE:
