@@ -252,6 +252,14 @@ def test_nesting_derived_from_structure_and_nested_cost_not_counted_twice():
         assert counted[i].item() == flops_of(model.forward_conditional, x[i:i + 1])
 
 
+def test_empty_batch_counts_no_flops():
+    model = NestedByStructure().eval()
+    cost.calibrate(model, model.input_shape)
+    _, trace = traced(model, torch.rand(0, 1, 6, 6))
+    counted = cost.executed_flops(model, trace)
+    assert counted.shape == (0,) and counted.dtype == torch.float64
+
+
 # --------------------------------------------------------------------------- errors, never silence
 
 

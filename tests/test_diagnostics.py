@@ -200,18 +200,20 @@ def test_proven_unreachable_units_are_excluded(toy):
     assert d.flops["recovery_reachable"] == pytest.approx(100.0)
 
 
-@pytest.mark.parametrize("make", ["missing", "empty"])
+@pytest.mark.parametrize("make", ["missing", "empty", "threads"])
 def test_cli_diagnose_bad_run_dir_is_one_line_exit_2(tmp_path, capsys, make):
     from dynattack import cli
 
     run_dir = tmp_path / "run"
-    if make == "empty":
+    if make != "missing":
         run_dir.mkdir()
     with pytest.raises(SystemExit) as exc:
-        cli.main(["diagnose", str(run_dir)])
+        cli.main(["diagnose", str(run_dir), *(["--threads", "0"] if make == "threads" else [])])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("dynattack: error:") and "\n" not in err
+    if make == "threads":
+        assert "--threads must be >= 1" in err
 
 
 def _package_imports(path):

@@ -1,6 +1,7 @@
 """Energy attacks (ILFO, GradAuto) and the attack base, on hand-made gated toys whose gate logits
 and unit costs are known in closed form (tests/toy_models.py)."""
 import ast
+import functools
 import math
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import torch
 
 from dynattack import cost
 from dynattack.attacks import ILFO, AccuracyAttack, GradAuto
-from dynattack.attacks.base import PerSampleAdam, gate_units, vjp
+from dynattack.attacks.base import PerSampleAdam, gate_units, victim_context, vjp
 from dynattack.attacks.gradauto import rectify, tanh_space
 from dynattack.errors import DynattackError
 from dynattack.gates import Trace, iter_gates
@@ -306,8 +307,52 @@ def test_modes_and_training_flags_are_restored():
     assert [m.training for m in model.modules()] == flags
 
 
+class _OwnNorm(torch.nn.BatchNorm2d):
+    def forward(self, x):  # a subclass with its own forward is left alone
+        return super().forward(x) * 2
+
+
+def test_attack_context_batchnorm_same_outputs_and_input_gradient():
+    gen = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.Conv2d(4, 4, 3), _OwnNorm(4), torch.nn.Flatten(),
+                                torch.nn.Linear(64, 6), torch.nn.BatchNorm1d(6))
+    x = torch.rand(16, 2, 8, 8, generator=gen)
+    with torch.no_grad():  # calibrated statistics (O(1) activations) and non-trivial affine parameters
+        model.train()
+        for _ in range(20):
+            model(x)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.uniform_(-0.5, 0.5, generator=gen)
+    model.eval()
+    w = torch.randn(16, 6, generator=gen)
+
+    def run():
+        leaf = x.clone().requires_grad_()
+        out = model(leaf)
+        return out.detach(), torch.autograd.grad((out * w).sum(), leaf)[0]
+
+    out_ref, g_ref = run()
+    with victim_context(model):
+        assert isinstance(vars(model[1]).get("forward"), functools.partial)  # the closed-form backward runs
+        assert "forward" not in vars(model[4])
+        with victim_context(model):  # nested: the inner context leaves the outer's in place
+            pass
+        assert "forward" in vars(model[1])
+        out, g = run()
+    assert torch.equal(out, out_ref)  # PyTorch's own forward
+    # float32 rounding of two algebraically equal gradients: the relative scale is ~1e-7
+    assert (g - g_ref).abs().max() <= 1e-5 * g_ref.abs().max()
+    with pytest.raises(RuntimeError), victim_context(model):
+        raise RuntimeError("inside")
+    assert all("forward" not in vars(m) for m in model.modules())
+
+
 def test_attack_files_import_no_model_family():
-    allowed_top = {"torch", "tqdm", "dataclasses", "typing", "math", "time", "contextlib", "__future__"}
+    allowed_top = {"torch", "tqdm", "dataclasses", "typing", "math", "time", "contextlib", "functools",
+                   "__future__"}
     allowed_ours = {"gates", "cost", "metrics", "errors", "prediction", "attacks"}
     files = sorted(ATTACKS_DIR.glob("*.py"))
     assert {f.name for f in files} >= {"__init__.py", "base.py", "ilfo.py", "gradauto.py"}

@@ -365,10 +365,17 @@ def diagnose_cmd(
     probe_steps: int = typer.Option(50, "--probe-steps", help="iterations of each no-distortion probe (0: none)"),
     data: Optional[Path] = DataOpt,
     device: str = DeviceOpt,
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: as the environment says)"),
 ) -> None:
     """Why an energy run stayed short of all-on: per-gate table into RUN_DIR/diagnostics.json and .md."""
     from .diagnose_run import diagnose_run
 
+    if threads is not None:
+        if threads < 1:
+            raise DynattackError(f"--threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
     _print_summary(diagnose_run(run_dir, n=n, probe_steps=probe_steps, data=data, device=resolve_device(device)))
 
 

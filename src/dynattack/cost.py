@@ -56,6 +56,7 @@ differs from the calibration's (a spatial gate run at another resolution).
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -530,8 +531,9 @@ def _forward_flops(model: nn.Module, prof: CostProfile, events: list[GateEvent],
                 counted[gate, expert] = torch.zeros(batch, dtype=torch.float64, device=device), 1
             else:
                 d = effective(gate) if expert is None else effective(gate)[..., expert]
-                counted[gate, expert] = torch.count_nonzero(d.reshape(batch, -1), 1).to(device, torch.float64), \
-                    d[0].numel()
+                units = math.prod(d.shape[1:])  # from the shape: a batch may have 0 rows
+                counted[gate, expert] = torch.count_nonzero(d.reshape(batch, units), 1).to(device, torch.float64), \
+                    units
         return counted[gate, expert]
 
     total = torch.full((batch,), prof.static, dtype=torch.float64, device=device)
