@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from dynattack import cost, metrics
 from dynattack.attacks import ATTACKS, PointGradAuto, PointIFGSM, PointILFO, PointRandom
+from dynattack.attacks.pc_gradauto import spread_placement
 from dynattack.attacks.pc_ifgsm import scene_miou
 from dynattack.cli import app
 from dynattack.data import point_batch
@@ -103,9 +104,10 @@ def hard_flops(net, points):
 def test_energy_attacks_stay_in_the_box_and_raise_the_flops(cls):
     net, data = victim(), clouds()
     x = data.points
+    at_clean = cls(net, eps=EPS, steps=20, progress=False, **({"start": "clean"} if cls is PointGradAuto else {}))
+    state = at_clean.init_state(x, None, None)
+    assert torch.equal(at_clean.candidate(state, torch.arange(2)), x)  # delta = 0 is the clean cloud
     atk = cls(net, eps=EPS, steps=20, progress=False)
-    state = atk.init_state(x, None, None)
-    assert torch.equal(atk.candidate(state, torch.arange(2)), x)  # delta = 0 is the clean cloud
     res = atk(x, data.labels)
     d = (res.adv - x)[..., :3]
     assert d.abs().max() <= EPS * (1 + 1e-6) and d.abs().max() > EPS / 4
@@ -120,6 +122,44 @@ def test_energy_attacks_stay_in_the_box_and_raise_the_flops(cls):
         assert (res.flops_adv > 1.1 * res.flops_clean).all()
         assert "tanh_eps" not in res.params and res.params["eps"] == EPS
     assert (res.flops_adv > res.flops_clean).any()
+
+
+def test_spread_start_gains_exactly_the_flops_it_counts_within_the_budget():
+    net, data = victim(), clouds()
+    x = data.points
+    real = x[..., -1] > 0.5
+    atk = PointGradAuto(net, eps=EPS, steps=3, progress=False)
+    shift = atk.spread_shift(x, real)
+    assert shift.abs().max() <= 0.98 * EPS * (1 + 1e-6) and torch.equal(shift[1, 45:], torch.zeros(15, 3))
+    moved = x.clone()
+    moved[..., :3] += shift
+    clean, placed = hard_flops(net, x), hard_flops(net, moved)
+    with force_gates(net, "on"):
+        full = hard_flops(net, x)
+    for b in range(2):  # the placement's own count of what it gains, against the victim's recount
+        with torch.no_grad(), Trace() as trace:
+            net(x[b:b + 1, real[b]])
+        levels = [(e.voxel_flops, e.pair_flops) for e in trace]
+        _, gain = spread_placement(x[b, real[b], :3], net.voxel_size, EPS, levels, float(clean[b]))
+        assert gain > 0 and gain == pytest.approx(float(placed[b] - clean[b]), rel=1e-12)
+    res = atk(x)
+    assert (res.flops_adv >= placed).all()  # the start is iteration 0's candidate: never lost
+    from_clean = PointGradAuto(net, eps=EPS, steps=3, start="clean", progress=False)(x)
+    assert cost.recovery_aggregate(res.flops_clean, res.flops_adv, full) > \
+        cost.recovery_aggregate(from_clean.flops_clean, from_clean.flops_adv, full)
+    assert res.params["start"] == "spread" and (res.adv - x)[..., :3].abs().max() <= EPS * (1 + 1e-6)
+
+
+def test_spread_start_refuses_a_victim_it_cannot_count():
+    net, data = victim(), clouds()
+    real = data.points[0, :, -1] > 0.5
+    with torch.no_grad(), Trace() as trace:
+        net(data.points[:1, real])
+    levels = [(e.voxel_flops, e.pair_flops) for e in trace]
+    with pytest.raises(DynattackError, match="not the stride-2 U-Net levels"):
+        spread_placement(data.points[0, real, :3], net.voxel_size, EPS, levels, 1.0)
+    with pytest.raises(DynattackError, match="start must be one of clean, spread"):
+        PointGradAuto(net, start="noise")
 
 
 def test_scene_miou_matches_metrics_miou():
